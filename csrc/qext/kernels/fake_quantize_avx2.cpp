@@ -1,0 +1,167 @@
+// Compiled with -mavx2 -mfma (see CMakeLists.txt); reached only through cpu_has_avx2() checks.
+#include "qext/kernels/fake_quantize_avx2.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+
+namespace qext::kernels {
+
+bool cpu_has_avx2() {
+  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return supported;
+}
+
+namespace {
+
+constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+
+// The quantizer constants for 8 consecutive elements: broadcast once for a uniform row, loaded per
+// block when every element has its own channel.
+template <bool kPerElement>
+struct Params8 {
+  __m256 scale, inv_scale, zero_point;
+
+  Params8(const QuantizerRow& row, int64_t i) {
+    if constexpr (kPerElement) {
+      scale = _mm256_loadu_ps(row.scale + i);
+      inv_scale = _mm256_loadu_ps(row.inv_scale + i);
+      zero_point = _mm256_loadu_ps(row.zero_point + i);
+    } else {
+      scale = _mm256_set1_ps(row.scale[0]);
+      inv_scale = _mm256_set1_ps(row.inv_scale[0]);
+      zero_point = _mm256_set1_ps(row.zero_point[0]);
+    }
+  }
+};
+
+// Number of leading elements to handle in scalar code so that the mask bit of element `head` is
+// the first bit of a byte.
+int64_t mask_head(int64_t n, const uint8_t* mask, int64_t mask_bit0) {
+  return mask == nullptr ? 0 : std::min(n, (8 - (mask_bit0 & 7)) & 7);
+}
+
+template <bool kPerElement>
+void fake_quantize_row(const float* x, float* y, int64_t n, const QuantizerRow& row, uint8_t* mask,
+                       int64_t mask_bit0) {
+  const int64_t head = mask_head(n, mask, mask_bit0);
+  fake_quantize_row_ref(x, y, head, row, mask, mask_bit0);
+  const __m256 lo = _mm256_set1_ps(row.quant_min), hi = _mm256_set1_ps(row.quant_max);
+  Params8<kPerElement> p(row, 0);
+  int64_t i = head;
+  for (; i + 8 <= n; i += 8) {
+    if constexpr (kPerElement) p = Params8<kPerElement>(row, i);
+    const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(x + i), p.inv_scale);
+    const __m256 level = _mm256_add_ps(_mm256_round_ps(v, kRound), p.zero_point);
+    // max/min return their second operand when either is NaN: NaN levels pass through.
+    const __m256 clamped = _mm256_min_ps(hi, _mm256_max_ps(lo, level));
+    _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_sub_ps(clamped, p.zero_point), p.scale));
+    if (mask != nullptr) {
+      const __m256 in_range = _mm256_and_ps(_mm256_cmp_ps(level, lo, _CMP_GE_OQ),
+                                            _mm256_cmp_ps(level, hi, _CMP_LE_OQ));
+      mask[(mask_bit0 + i) >> 3] = static_cast<uint8_t>(_mm256_movemask_ps(in_range));
+    }
+  }
+  fake_quantize_row_ref(x + i, y + i, n - i, row.from(i), mask, mask_bit0 + i);
+}
+
+// Adds the 8 float lanes of v, widened to double, to the accumulator pair acc[0..1].
+inline void add_widened(__m256 v, __m256d* acc) {
+  acc[0] = _mm256_add_pd(acc[0], _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
+  acc[1] = _mm256_add_pd(acc[1], _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+}
+
+inline double horizontal_sum(const __m256d* acc) {
+  alignas(32) double lanes[4];
+  _mm256_store_pd(lanes, _mm256_add_pd(acc[0], acc[1]));
+  return (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+}
+
+// Adds the 8 float lanes of v to sums[0..7] in double.
+inline void add_to_sums(__m256 v, double* sums) {
+  _mm256_storeu_pd(sums, _mm256_add_pd(_mm256_loadu_pd(sums),
+                                       _mm256_cvtps_pd(_mm256_castps256_ps128(v))));
+  _mm256_storeu_pd(sums + 4, _mm256_add_pd(_mm256_loadu_pd(sums + 4),
+                                           _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1))));
+}
+
+template <bool kPerElement>
+void learnable_grad_row(const float* x, const float* dy, float* dx, int64_t n,
+                        const QuantizerRow& row, double* dscale_sum, double* dzp_sum) {
+  const __m256 lo = _mm256_set1_ps(row.quant_min), hi = _mm256_set1_ps(row.quant_max);
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256d dscale_acc[2] = {_mm256_setzero_pd(), _mm256_setzero_pd()};
+  __m256d dzp_acc[2] = {_mm256_setzero_pd(), _mm256_setzero_pd()};
+  Params8<kPerElement> p(row, 0);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    if constexpr (kPerElement) p = Params8<kPerElement>(row, i);
+    const __m256 xv = _mm256_loadu_ps(x + i), g = _mm256_loadu_ps(dy + i);
+    const __m256 level =
+        _mm256_add_ps(_mm256_round_ps(_mm256_mul_ps(xv, p.inv_scale), kRound), p.zero_point);
+    const __m256 below = _mm256_cmp_ps(level, lo, _CMP_LT_OQ);
+    const __m256 in_range = _mm256_and_ps(_mm256_cmp_ps(level, lo, _CMP_GE_OQ),
+                                          _mm256_cmp_ps(level, hi, _CMP_LE_OQ));
+    // Outside the range but not NaN (a NaN level compares unordered with everything).
+    const __m256 outside = _mm256_andnot_ps(in_range, _mm256_cmp_ps(level, level, _CMP_ORD_Q));
+
+    const __m256 x_fq = _mm256_mul_ps(_mm256_sub_ps(level, p.zero_point), p.scale);
+    const __m256 dscale_in = _mm256_mul_ps(_mm256_mul_ps(g, _mm256_sub_ps(x_fq, xv)), p.inv_scale);
+    const __m256 bound = _mm256_blendv_ps(hi, lo, below);
+    const __m256 dscale_out = _mm256_mul_ps(g, _mm256_sub_ps(bound, p.zero_point));
+    const __m256 dzp_out = _mm256_mul_ps(_mm256_xor_ps(g, sign), p.scale);
+
+    _mm256_storeu_ps(dx + i, _mm256_and_ps(g, in_range));
+    const __m256 dscale =
+        _mm256_or_ps(_mm256_and_ps(in_range, dscale_in), _mm256_and_ps(outside, dscale_out));
+    const __m256 dzp = _mm256_and_ps(outside, dzp_out);
+    if constexpr (kPerElement) {
+      add_to_sums(dscale, dscale_sum + i);
+      add_to_sums(dzp, dzp_sum + i);
+    } else {
+      add_widened(dscale, dscale_acc);
+      add_widened(dzp, dzp_acc);
+    }
+  }
+  if constexpr (!kPerElement) {
+    dscale_sum[0] += horizontal_sum(dscale_acc);
+    dzp_sum[0] += horizontal_sum(dzp_acc);
+  }
+  const int64_t k = i * row.step;
+  learnable_grad_row_ref(x + i, dy + i, dx + i, n - i, row.from(i), dscale_sum + k, dzp_sum + k);
+}
+
+}  // namespace
+
+void fake_quantize_row_avx2(const float* x, float* y, int64_t n, const QuantizerRow& row,
+                            uint8_t* mask, int64_t mask_bit0) {
+  if (row.step == 0) {
+    fake_quantize_row<false>(x, y, n, row, mask, mask_bit0);
+  } else {
+    fake_quantize_row<true>(x, y, n, row, mask, mask_bit0);
+  }
+}
+
+void masked_grad_avx2(const float* dy, const uint8_t* mask, float* dx, int64_t begin, int64_t end) {
+  const int64_t head_end = std::min(end, (begin + 7) & ~int64_t{7});
+  masked_grad_ref(dy, mask, dx, begin, head_end);
+  const __m256i bit_of_lane = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  int64_t i = head_end;
+  for (; i + 8 <= end; i += 8) {
+    const __m256i bits = _mm256_and_si256(_mm256_set1_epi32(mask[i >> 3]), bit_of_lane);
+    const __m256 keep = _mm256_castsi256_ps(_mm256_cmpeq_epi32(bits, bit_of_lane));
+    _mm256_storeu_ps(dx + i, _mm256_and_ps(_mm256_loadu_ps(dy + i), keep));
+  }
+  masked_grad_ref(dy, mask, dx, i, end);
+}
+
+void learnable_grad_row_avx2(const float* x, const float* dy, float* dx, int64_t n,
+                             const QuantizerRow& row, double* dscale_sum, double* dzp_sum) {
+  if (row.step == 0) {
+    learnable_grad_row<false>(x, dy, dx, n, row, dscale_sum, dzp_sum);
+  } else {
+    learnable_grad_row<true>(x, dy, dx, n, row, dscale_sum, dzp_sum);
+  }
+}
+
+}  // namespace qext::kernels

@@ -1,0 +1,25 @@
+// AVX2 (+FMA) versions of the float32 fake-quantization row kernels in fake_quantize_ref.h.
+// Element results (y, mask bits, dx, per-element gradient terms) are bit-identical to the
+// reference; the dscale / dzero_point sums are accumulated in double in a different order, so
+// they agree with the reference to double rounding. Call only when cpu_has_avx2() is true.
+#pragma once
+
+#include <cstdint>
+
+#include "qext/kernels/fake_quantize_ref.h"
+
+namespace qext::kernels {
+
+// True when this CPU runs AVX2 and FMA instructions.
+bool cpu_has_avx2();
+
+void fake_quantize_row_avx2(const float* x, float* y, int64_t n, const QuantizerRow& row,
+                            uint8_t* mask, int64_t mask_bit0);
+
+// dx[i] = mask bit i ? dy[i] : 0 for i in [begin, end).
+void masked_grad_avx2(const float* dy, const uint8_t* mask, float* dx, int64_t begin, int64_t end);
+
+void learnable_grad_row_avx2(const float* x, const float* dy, float* dx, int64_t n,
+                             const QuantizerRow& row, double* dscale_sum, double* dzp_sum);
+
+}  // namespace qext::kernels

@@ -1,0 +1,254 @@
+// CPU kernels of the fake-quantization ops. The hot loops live in qext/kernels (AVX2 for float32
+// when the CPU has it, the scalar reference otherwise); this file splits the tensor into rows of
+// one quantizer and spreads them over threads.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+#include <vector>
+
+#include "qext/kernels/fake_quantize_avx2.h"
+#include "qext/kernels/fake_quantize_ref.h"
+#include "qext/ops/common/quant_params.h"
+
+namespace qext::ops {
+namespace {
+
+using detail::ChannelLayout;
+using detail::QuantParams;
+using kernels::QuantizerRow;
+
+// Threads split the tensor at multiples of kBlock elements, so no two threads share a mask byte.
+constexpr int64_t kBlock = 64;
+constexpr int64_t kGrainBlocks = 512;
+
+// Calls f(offset, length, row) for the runs of [begin, end) (memory offsets of a dense tensor)
+// that use one quantizer row: a run of one channel, or, when channels are innermost in memory, a
+// run over consecutive channels with one quantizer per element.
+template <typename F>
+void for_each_row(const QuantParams& p, int64_t begin, int64_t end, F&& f) {
+  const ChannelLayout& l = p.layout;
+  auto row_at = [&](int64_t channel, int64_t step) {
+    return QuantizerRow{p.scale.data() + channel, p.inv_scale.data() + channel,
+                        p.zero_point.data() + channel, step, static_cast<float>(p.quant_min),
+                        static_cast<float>(p.quant_max)};
+  };
+  if (l.channels == 1) {
+    f(begin, end - begin, row_at(0, 0));
+    return;
+  }
+  for (int64_t pos = begin; pos < end;) {
+    int64_t len;
+    if (l.inner == 1) {
+      const int64_t channel = pos % l.channels;
+      len = std::min(end - pos, l.channels - channel);
+      f(pos, len, row_at(channel, 1));
+    } else {
+      const int64_t channel = (pos / l.inner) % l.channels;
+      len = std::min(end - pos, l.inner - pos % l.inner);
+      f(pos, len, row_at(channel, 0));
+    }
+    pos += len;
+  }
+}
+
+// Runs f(begin, end) over [0, numel) in parallel chunks aligned to kBlock.
+template <typename F>
+void parallel_blocks(int64_t numel, F&& f) {
+  const int64_t blocks = (numel + kBlock - 1) / kBlock;
+  at::parallel_for(0, blocks, kGrainBlocks, [&](int64_t b0, int64_t b1) {
+    f(b0 * kBlock, std::min(b1 * kBlock, numel));
+  });
+}
+
+// Row kernels: AVX2 for float32 where the CPU has it, the scalar reference otherwise.
+template <typename T>
+void fake_quantize_row(const T* x, T* y, int64_t n, const QuantizerRow& row, uint8_t* mask,
+                       int64_t mask_bit0) {
+  kernels::fake_quantize_row_ref(x, y, n, row, mask, mask_bit0);
+}
+
+template <>
+void fake_quantize_row<float>(const float* x, float* y, int64_t n, const QuantizerRow& row,
+                              uint8_t* mask, int64_t mask_bit0) {
+  if (kernels::cpu_has_avx2()) {
+    kernels::fake_quantize_row_avx2(x, y, n, row, mask, mask_bit0);
+  } else {
+    kernels::fake_quantize_row_ref(x, y, n, row, mask, mask_bit0);
+  }
+}
+
+template <typename T>
+void masked_grad(const T* dy, const uint8_t* mask, T* dx, int64_t begin, int64_t end) {
+  kernels::masked_grad_ref(dy, mask, dx, begin, end);
+}
+
+template <>
+void masked_grad<float>(const float* dy, const uint8_t* mask, float* dx, int64_t begin,
+                        int64_t end) {
+  if (kernels::cpu_has_avx2()) {
+    kernels::masked_grad_avx2(dy, mask, dx, begin, end);
+  } else {
+    kernels::masked_grad_ref(dy, mask, dx, begin, end);
+  }
+}
+
+template <typename T>
+void learnable_grad_row(const T* x, const T* dy, T* dx, int64_t n, const QuantizerRow& row,
+                        double* dscale_sum, double* dzp_sum) {
+  kernels::learnable_grad_row_ref(x, dy, dx, n, row, dscale_sum, dzp_sum);
+}
+
+template <>
+void learnable_grad_row<float>(const float* x, const float* dy, float* dx, int64_t n,
+                               const QuantizerRow& row, double* dscale_sum, double* dzp_sum) {
+  if (kernels::cpu_has_avx2()) {
+    kernels::learnable_grad_row_avx2(x, dy, dx, n, row, dscale_sum, dzp_sum);
+  } else {
+    kernels::learnable_grad_row_ref(x, dy, dx, n, row, dscale_sum, dzp_sum);
+  }
+}
+
+// y = fake_quantize(x) over the dense tensor x (y has its layout); mask, when given, pre-zeroed.
+void fake_quantize_into(const at::Tensor& x, at::Tensor& y, uint8_t* mask, const QuantParams& p) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fake_quantize", [&] {
+    const scalar_t* in = x.const_data_ptr<scalar_t>();
+    scalar_t* out = y.mutable_data_ptr<scalar_t>();
+    parallel_blocks(x.numel(), [&](int64_t begin, int64_t end) {
+      for_each_row(p, begin, end, [&](int64_t pos, int64_t len, const QuantizerRow& row) {
+        fake_quantize_row(in + pos, out + pos, len, row, mask, pos);
+      });
+    });
+  });
+}
+
+at::Tensor fake_quantize_cpu(const at::Tensor& input, const at::Tensor& scale,
+                             const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max,
+                             std::optional<int64_t> axis) {
+  const at::Tensor x = detail::as_dense(input);
+  const QuantParams p = detail::resolve_quant_params(x, scale, zero_point, quant_min, quant_max,
+                                                     axis, detail::ZeroPointKind::kInteger,
+                                                     "fake_quantize");
+  at::Tensor y = at::empty_like(x);
+  fake_quantize_into(x, y, nullptr, p);
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> fake_quantize_with_mask_cpu(
+    const at::Tensor& input, const at::Tensor& scale, const at::Tensor& zero_point,
+    int64_t quant_min, int64_t quant_max, std::optional<int64_t> axis) {
+  const at::Tensor x = detail::as_dense(input);
+  const QuantParams p = detail::resolve_quant_params(x, scale, zero_point, quant_min, quant_max,
+                                                     axis, detail::ZeroPointKind::kInteger,
+                                                     "fake_quantize");
+  at::Tensor y = at::empty_like(x);
+  at::Tensor mask = at::zeros({detail::packed_mask_bytes(x.numel())}, x.options().dtype(at::kByte));
+  fake_quantize_into(x, y, mask.mutable_data_ptr<uint8_t>(), p);
+  return {y, mask};
+}
+
+at::Tensor fake_quantize_mask_backward_cpu(const at::Tensor& grad, const at::Tensor& mask) {
+  constexpr const char* op = "fake_quantize backward";
+  detail::check_float_input(grad, op, "grad");
+  TORCH_CHECK(grad.is_non_overlapping_and_dense(), op, ": grad must be dense");
+  TORCH_CHECK(mask.scalar_type() == at::kByte && mask.dim() == 1 && mask.is_contiguous() &&
+                  mask.numel() == detail::packed_mask_bytes(grad.numel()),
+              op, ": mask must be a contiguous uint8 tensor of ", detail::packed_mask_bytes(grad.numel()),
+              " bytes for ", grad.numel(), " elements, got ", mask.scalar_type(), " of shape ",
+              mask.sizes());
+  at::Tensor dx = at::empty_like(grad);
+  const uint8_t* bits = mask.const_data_ptr<uint8_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "fake_quantize_backward", [&] {
+    const scalar_t* dy = grad.const_data_ptr<scalar_t>();
+    scalar_t* out = dx.mutable_data_ptr<scalar_t>();
+    parallel_blocks(grad.numel(), [&](int64_t begin, int64_t end) {
+      masked_grad(dy, bits, out, begin, end);
+    });
+  });
+  return dx;
+}
+
+at::Tensor fake_quantize_learnable_cpu(const at::Tensor& input, const at::Tensor& scale,
+                                       const at::Tensor& zero_point, int64_t quant_min,
+                                       int64_t quant_max, double grad_factor,
+                                       std::optional<int64_t> axis) {
+  const at::Tensor x = detail::as_dense(input);
+  const QuantParams p = detail::resolve_quant_params(x, scale, zero_point, quant_min, quant_max,
+                                                     axis, detail::ZeroPointKind::kLearnable,
+                                                     "fake_quantize_learnable");
+  at::Tensor y = at::empty_like(x);
+  fake_quantize_into(x, y, nullptr, p);
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_learnable_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& input, const at::Tensor& scale,
+    const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max, double grad_factor,
+    std::optional<int64_t> axis) {
+  constexpr const char* op = "fake_quantize_learnable backward";
+  const at::Tensor x = detail::as_dense(input);
+  const QuantParams p = detail::resolve_quant_params(x, scale, zero_point, quant_min, quant_max,
+                                                     axis, detail::ZeroPointKind::kLearnable, op);
+  detail::check_float_input(grad, op, "grad");
+  TORCH_CHECK(grad.sizes() == x.sizes() && grad.scalar_type() == x.scalar_type(), op,
+              ": grad must match input in shape and dtype, got ", grad.sizes(), " ",
+              grad.scalar_type(), " for input ", x.sizes(), " ", x.scalar_type());
+  const at::Tensor dy = detail::align_to_layout(grad, x.sizes(), x.strides());
+  at::Tensor dx = at::empty_like(x);
+
+  // Per-thread sums per channel, reduced after the pass (no full-size temporaries).
+  const int64_t channels = p.layout.channels;
+  const int threads = at::get_num_threads();
+  std::vector<double> dscale_parts(static_cast<size_t>(threads) * channels, 0.0);
+  std::vector<double> dzp_parts(static_cast<size_t>(threads) * channels, 0.0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fake_quantize_learnable_backward", [&] {
+    const scalar_t* in = x.const_data_ptr<scalar_t>();
+    const scalar_t* g = dy.const_data_ptr<scalar_t>();
+    scalar_t* out = dx.mutable_data_ptr<scalar_t>();
+    parallel_blocks(x.numel(), [&](int64_t begin, int64_t end) {
+      double* dscale_sum = dscale_parts.data() + at::get_thread_num() * channels;
+      double* dzp_sum = dzp_parts.data() + at::get_thread_num() * channels;
+      for_each_row(p, begin, end, [&](int64_t pos, int64_t len, const QuantizerRow& row) {
+        const int64_t channel = row.scale - p.scale.data();
+        learnable_grad_row(in + pos, g + pos, out + pos, len, row, dscale_sum + channel,
+                           dzp_sum + channel);
+      });
+    });
+  });
+
+  at::Tensor dscale = at::empty({channels}, scale.options().dtype(at::kDouble));
+  at::Tensor dzp = at::empty({channels}, scale.options().dtype(at::kDouble));
+  double* dscale_out = dscale.mutable_data_ptr<double>();
+  double* dzp_out = dzp.mutable_data_ptr<double>();
+  for (int64_t c = 0; c < channels; ++c) {
+    double s = 0.0, z = 0.0;
+    for (int t = 0; t < threads; ++t) {
+      s += dscale_parts[t * channels + c];
+      z += dzp_parts[t * channels + c];
+    }
+    dscale_out[c] = s * grad_factor;
+    dzp_out[c] = z * grad_factor;
+  }
+  const auto zp_dtype = at::isFloatingType(zero_point.scalar_type()) ? zero_point.scalar_type()
+                                                                      : scale.scalar_type();
+  return {dx, dscale.to(scale.scalar_type()).reshape(scale.sizes()),
+          dzp.to(zp_dtype).reshape(zero_point.sizes())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(qext, CPU, m) {
+  m.impl("fake_quantize", fake_quantize_cpu);
+  m.impl("_fake_quantize_with_mask", fake_quantize_with_mask_cpu);
+  m.impl("_fake_quantize_mask_backward", fake_quantize_mask_backward_cpu);
+  m.impl("fake_quantize_learnable", fake_quantize_learnable_cpu);
+  m.impl("_fake_quantize_learnable_backward", fake_quantize_learnable_backward_cpu);
+}
+
+}  // namespace qext::ops

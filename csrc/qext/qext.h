@@ -1,0 +1,25 @@
+// Public C++ API of qext: include this and link Qext::qext.
+#pragma once
+
+#include <string>
+
+#include "qext/ops/fake_quantize.h"
+#include "qext/ops/fake_quantize_learnable.h"
+#include "qext/ops/quantize.h"
+
+namespace qext {
+
+// "0.1.0".
+std::string version();
+
+// True when libqext was built with its CUDA kernels.
+bool with_cuda();
+
+namespace detail {
+// Referenced from every program that includes this header, so the linker keeps libqext (and
+// its operator registrations) even when the program calls nothing else from it directly.
+int link_anchor();
+[[maybe_unused]] static const int kLinkAnchor = link_anchor();
+}  // namespace detail
+
+}  // namespace qext
