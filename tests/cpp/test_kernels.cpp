@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <random>
@@ -55,6 +56,20 @@ std::vector<float> make_input(int64_t n, float scale, std::mt19937& rng) {
   }
   return x;
 }
+
+// 32-byte aligned float buffer, so the streaming-store paths are exercised.
+struct AlignedFloats {
+  explicit AlignedFloats(int64_t n)
+      : data_(static_cast<float*>(std::aligned_alloc(32, (n * sizeof(float) + 31) / 32 * 32))) {}
+  ~AlignedFloats() { std::free(data_); }
+  AlignedFloats(const AlignedFloats&) = delete;
+  AlignedFloats& operator=(const AlignedFloats&) = delete;
+  float* data() { return data_; }
+  float& operator[](int64_t i) { return data_[i]; }
+
+ private:
+  float* data_;
+};
 
 bool same_bits(float a, float b) { return std::memcmp(&a, &b, sizeof(float)) == 0; }
 
@@ -113,15 +128,20 @@ TEST_F(Avx2Kernels, FakeQuantizeRowMatchesReferenceBitForBit) {
         for (int64_t bit0 : {0, 3, 8, 13}) {
           const Channels ch = make_channels(step ? n : 1, range[0], range[1], rng);
           const std::vector<float> x = make_input(n, ch.scale[0], rng);
-          std::vector<float> y_ref(n), y_avx(n);
+          std::vector<float> y_ref(n);
+          AlignedFloats y_avx(n);
           std::vector<uint8_t> m_ref((n + bit0) / 8 + 2, 0), m_avx(m_ref.size(), 0);
           fake_quantize_row_ref(x.data(), y_ref.data(), n, ch.row(0, step), m_ref.data(), bit0);
-          fake_quantize_row_avx2(x.data(), y_avx.data(), n, ch.row(0, step), m_avx.data(), bit0);
-          for (int64_t i = 0; i < n; ++i) {
-            ASSERT_TRUE(same_bits(y_ref[i], y_avx[i]))
-                << "i=" << i << " x=" << x[i] << " ref=" << y_ref[i] << " avx=" << y_avx[i];
+          for (Store store : {Store::kCached, Store::kStreaming}) {
+            std::fill(m_avx.begin(), m_avx.end(), 0);
+            fake_quantize_row_avx2(x.data(), y_avx.data(), n, ch.row(0, step), m_avx.data(), bit0,
+                                   store);
+            for (int64_t i = 0; i < n; ++i) {
+              ASSERT_TRUE(same_bits(y_ref[i], y_avx[i]))
+                  << "i=" << i << " x=" << x[i] << " ref=" << y_ref[i] << " avx=" << y_avx[i];
+            }
+            ASSERT_EQ(m_ref, m_avx) << "n=" << n << " bit0=" << bit0;
           }
-          ASSERT_EQ(m_ref, m_avx) << "n=" << n << " bit0=" << bit0;
         }
       }
     }
@@ -135,10 +155,13 @@ TEST_F(Avx2Kernels, MaskedGradMatchesReference) {
   std::vector<uint8_t> mask((n + 31) / 32 * 4);
   for (auto& b : mask) b = static_cast<uint8_t>(rng());
   for (int64_t begin : {0, 5, 64}) {
-    std::vector<float> ref(n, -1.0f), avx(n, -1.0f);
+    std::vector<float> ref(n, -1.0f);
+    AlignedFloats avx(n);
     masked_grad_ref(dy.data(), mask.data(), ref.data(), begin, n);
-    masked_grad_avx2(dy.data(), mask.data(), avx.data(), begin, n);
-    for (int64_t i = 0; i < n; ++i) ASSERT_TRUE(same_bits(ref[i], avx[i])) << "i=" << i;
+    for (Store store : {Store::kCached, Store::kStreaming}) {
+      masked_grad_avx2(dy.data(), mask.data(), avx.data(), begin, n, store);
+      for (int64_t i = begin; i < n; ++i) ASSERT_TRUE(same_bits(ref[i], avx[i])) << "i=" << i;
+    }
   }
 }
 
@@ -151,13 +174,14 @@ TEST_F(Avx2Kernels, LearnableGradMatchesReference) {
       std::normal_distribution<float> grad_dist(0.0f, 1.0f);
       std::vector<float> dy(n);
       for (auto& g : dy) g = grad_dist(rng);
-      std::vector<float> dx_ref(n), dx_avx(n);
+      std::vector<float> dx_ref(n);
+      AlignedFloats dx_avx(n);
       const size_t sums = step ? n : 1;
       std::vector<double> ds_ref(sums, 0.0), dz_ref(sums, 0.0), ds_avx(sums, 0.0), dz_avx(sums, 0.0);
       learnable_grad_row_ref(x.data(), dy.data(), dx_ref.data(), n, ch.row(0, step), ds_ref.data(),
                              dz_ref.data());
       learnable_grad_row_avx2(x.data(), dy.data(), dx_avx.data(), n, ch.row(0, step),
-                              ds_avx.data(), dz_avx.data());
+                              ds_avx.data(), dz_avx.data(), n % 2 ? Store::kStreaming : Store::kCached);
       for (int64_t i = 0; i < n; ++i) ASSERT_TRUE(same_bits(dx_ref[i], dx_avx[i])) << "i=" << i;
       for (size_t c = 0; c < sums; ++c) {
         if (std::isnan(ds_ref[c])) {

@@ -4,6 +4,8 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <type_traits>
 
 namespace qext::kernels {
 
@@ -35,16 +37,38 @@ struct Params8 {
   }
 };
 
+// Stores 8 floats; streaming stores need a 32-byte aligned address (checked once per row).
+template <bool kStream>
+inline void store8(float* p, __m256 v) {
+  if constexpr (kStream) {
+    _mm256_stream_ps(p, v);
+  } else {
+    _mm256_storeu_ps(p, v);
+  }
+}
+
+bool aligned32(const float* p) { return (reinterpret_cast<uintptr_t>(p) & 31) == 0; }
+
+// Runs body<kStream>() with streaming stores when asked for and `out` is aligned for them.
+template <typename Body>
+void with_store(Store store, const float* out, Body&& body) {
+  if (store == Store::kStreaming && aligned32(out)) {
+    body(std::true_type{});
+    _mm_sfence();  // make the non-temporal stores visible before anyone reads the output
+  } else {
+    body(std::false_type{});
+  }
+}
+
 // Number of leading elements to handle in scalar code so that the mask bit of element `head` is
 // the first bit of a byte.
 int64_t mask_head(int64_t n, const uint8_t* mask, int64_t mask_bit0) {
   return mask == nullptr ? 0 : std::min(n, (8 - (mask_bit0 & 7)) & 7);
 }
 
-template <bool kPerElement>
+template <bool kPerElement, bool kStream>
 void fake_quantize_row(const float* x, float* y, int64_t n, const QuantizerRow& row, uint8_t* mask,
-                       int64_t mask_bit0) {
-  const int64_t head = mask_head(n, mask, mask_bit0);
+                       int64_t mask_bit0, int64_t head) {
   fake_quantize_row_ref(x, y, head, row, mask, mask_bit0);
   const __m256 lo = _mm256_set1_ps(row.quant_min), hi = _mm256_set1_ps(row.quant_max);
   Params8<kPerElement> p(row, 0);
@@ -55,7 +79,7 @@ void fake_quantize_row(const float* x, float* y, int64_t n, const QuantizerRow& 
     const __m256 level = _mm256_add_ps(_mm256_round_ps(v, kRound), p.zero_point);
     // max/min return their second operand when either is NaN: NaN levels pass through.
     const __m256 clamped = _mm256_min_ps(hi, _mm256_max_ps(lo, level));
-    _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_sub_ps(clamped, p.zero_point), p.scale));
+    store8<kStream>(y + i, _mm256_mul_ps(_mm256_sub_ps(clamped, p.zero_point), p.scale));
     if (mask != nullptr) {
       const __m256 in_range = _mm256_and_ps(_mm256_cmp_ps(level, lo, _CMP_GE_OQ),
                                             _mm256_cmp_ps(level, hi, _CMP_LE_OQ));
@@ -85,7 +109,7 @@ inline void add_to_sums(__m256 v, double* sums) {
                                            _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1))));
 }
 
-template <bool kPerElement>
+template <bool kPerElement, bool kStream>
 void learnable_grad_row(const float* x, const float* dy, float* dx, int64_t n,
                         const QuantizerRow& row, double* dscale_sum, double* dzp_sum) {
   const __m256 lo = _mm256_set1_ps(row.quant_min), hi = _mm256_set1_ps(row.quant_max);
@@ -111,7 +135,7 @@ void learnable_grad_row(const float* x, const float* dy, float* dx, int64_t n,
     const __m256 dscale_out = _mm256_mul_ps(g, _mm256_sub_ps(bound, p.zero_point));
     const __m256 dzp_out = _mm256_mul_ps(_mm256_xor_ps(g, sign), p.scale);
 
-    _mm256_storeu_ps(dx + i, _mm256_and_ps(g, in_range));
+    store8<kStream>(dx + i, _mm256_and_ps(g, in_range));
     const __m256 dscale =
         _mm256_or_ps(_mm256_and_ps(in_range, dscale_in), _mm256_and_ps(outside, dscale_out));
     const __m256 dzp = _mm256_and_ps(outside, dzp_out);
@@ -134,34 +158,43 @@ void learnable_grad_row(const float* x, const float* dy, float* dx, int64_t n,
 }  // namespace
 
 void fake_quantize_row_avx2(const float* x, float* y, int64_t n, const QuantizerRow& row,
-                            uint8_t* mask, int64_t mask_bit0) {
-  if (row.step == 0) {
-    fake_quantize_row<false>(x, y, n, row, mask, mask_bit0);
-  } else {
-    fake_quantize_row<true>(x, y, n, row, mask, mask_bit0);
-  }
+                            uint8_t* mask, int64_t mask_bit0, Store store) {
+  const int64_t head = mask_head(n, mask, mask_bit0);
+  with_store(store, y + head, [&](auto stream) {
+    if (row.step == 0) {
+      fake_quantize_row<false, stream.value>(x, y, n, row, mask, mask_bit0, head);
+    } else {
+      fake_quantize_row<true, stream.value>(x, y, n, row, mask, mask_bit0, head);
+    }
+  });
 }
 
-void masked_grad_avx2(const float* dy, const uint8_t* mask, float* dx, int64_t begin, int64_t end) {
+void masked_grad_avx2(const float* dy, const uint8_t* mask, float* dx, int64_t begin, int64_t end,
+                      Store store) {
   const int64_t head_end = std::min(end, (begin + 7) & ~int64_t{7});
   masked_grad_ref(dy, mask, dx, begin, head_end);
   const __m256i bit_of_lane = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
   int64_t i = head_end;
-  for (; i + 8 <= end; i += 8) {
-    const __m256i bits = _mm256_and_si256(_mm256_set1_epi32(mask[i >> 3]), bit_of_lane);
-    const __m256 keep = _mm256_castsi256_ps(_mm256_cmpeq_epi32(bits, bit_of_lane));
-    _mm256_storeu_ps(dx + i, _mm256_and_ps(_mm256_loadu_ps(dy + i), keep));
-  }
+  with_store(store, dx + head_end, [&](auto stream) {
+    for (; i + 8 <= end; i += 8) {
+      const __m256i bits = _mm256_and_si256(_mm256_set1_epi32(mask[i >> 3]), bit_of_lane);
+      const __m256 keep = _mm256_castsi256_ps(_mm256_cmpeq_epi32(bits, bit_of_lane));
+      store8<stream.value>(dx + i, _mm256_and_ps(_mm256_loadu_ps(dy + i), keep));
+    }
+  });
   masked_grad_ref(dy, mask, dx, i, end);
 }
 
 void learnable_grad_row_avx2(const float* x, const float* dy, float* dx, int64_t n,
-                             const QuantizerRow& row, double* dscale_sum, double* dzp_sum) {
-  if (row.step == 0) {
-    learnable_grad_row<false>(x, dy, dx, n, row, dscale_sum, dzp_sum);
-  } else {
-    learnable_grad_row<true>(x, dy, dx, n, row, dscale_sum, dzp_sum);
-  }
+                             const QuantizerRow& row, double* dscale_sum, double* dzp_sum,
+                             Store store) {
+  with_store(store, dx, [&](auto stream) {
+    if (row.step == 0) {
+      learnable_grad_row<false, stream.value>(x, dy, dx, n, row, dscale_sum, dzp_sum);
+    } else {
+      learnable_grad_row<true, stream.value>(x, dy, dx, n, row, dscale_sum, dzp_sum);
+    }
+  });
 }
 
 }  // namespace qext::kernels
