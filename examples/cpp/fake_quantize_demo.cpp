@@ -10,8 +10,10 @@ int main() {
   const torch::Tensor x = torch::tensor({0.26f, 0.25f, 1.0f, -1.0f});
   const torch::Tensor y = qext::ops::fake_quantize(x, 0.1, 0, -8, 7);
   const torch::Tensor expected = torch::tensor({0.3f, 0.2f, 0.7f, -0.8f});
-  std::cout << "qext " << qext::version() << " (CUDA kernels: " << (qext::with_cuda() ? "yes" : "no")
-            << ")\nfake_quantize(" << x << ") =\n" << y << "\n";
+  std::cout << "qext " << qext::version()
+            << " (CUDA kernels: " << (qext::with_cuda() ? "yes" : "no") << ")\nfake_quantize(" << x
+            << ") =\n"
+            << y << "\n";
   if (!torch::allclose(y, expected)) {
     std::cerr << "unexpected result, expected " << expected << "\n";
     return 1;

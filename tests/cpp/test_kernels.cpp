@@ -20,8 +20,12 @@ struct Channels {
   float quant_min, quant_max;
 
   QuantizerRow row(int64_t channel, int64_t step) const {
-    return {scale.data() + channel, inv_scale.data() + channel, zero_point.data() + channel, step,
-            quant_min, quant_max};
+    return {scale.data() + channel,
+            inv_scale.data() + channel,
+            zero_point.data() + channel,
+            step,
+            quant_min,
+            quant_max};
   }
 };
 
@@ -48,7 +52,8 @@ std::vector<float> make_input(int64_t n, float scale, std::mt19937& rng) {
         x[i] = (std::floor(dist(rng)) + 0.5f) * scale;
         break;
       case 11:
-        x[i] = i % 2 ? std::numeric_limits<float>::quiet_NaN() : std::numeric_limits<float>::infinity();
+        x[i] = i % 2 ? std::numeric_limits<float>::quiet_NaN()
+                     : std::numeric_limits<float>::infinity();
         break;
       default:
         x[i] = dist(rng);
@@ -177,11 +182,12 @@ TEST_F(Avx2Kernels, LearnableGradMatchesReference) {
       std::vector<float> dx_ref(n);
       AlignedFloats dx_avx(n);
       const size_t sums = step ? n : 1;
-      std::vector<double> ds_ref(sums, 0.0), dz_ref(sums, 0.0), ds_avx(sums, 0.0), dz_avx(sums, 0.0);
+      std::vector<double> ds_ref(sums, 0.0), dz_ref(sums, 0.0), ds_avx(sums, 0.0),
+          dz_avx(sums, 0.0);
       learnable_grad_row_ref(x.data(), dy.data(), dx_ref.data(), n, ch.row(0, step), ds_ref.data(),
                              dz_ref.data());
-      learnable_grad_row_avx2(x.data(), dy.data(), dx_avx.data(), n, ch.row(0, step),
-                              ds_avx.data(), dz_avx.data(), n % 2 ? Store::kStreaming : Store::kCached);
+      learnable_grad_row_avx2(x.data(), dy.data(), dx_avx.data(), n, ch.row(0, step), ds_avx.data(),
+                              dz_avx.data(), n % 2 ? Store::kStreaming : Store::kCached);
       for (int64_t i = 0; i < n; ++i) ASSERT_TRUE(same_bits(dx_ref[i], dx_avx[i])) << "i=" << i;
       for (size_t c = 0; c < sums; ++c) {
         if (std::isnan(ds_ref[c])) {

@@ -13,7 +13,8 @@ torch::Tensor int_tensor(std::vector<int32_t> values) {
 TEST(FakeQuantizeOp, PerTensorMatchesTorchBitForBit) {
   torch::manual_seed(0);
   const auto x = torch::randn({4, 3, 17, 5}) * 3;
-  for (auto [lo, hi] : {std::pair{-128, 127}, std::pair{0, 255}, std::pair{-8, 7}, std::pair{0, 3}}) {
+  for (auto [lo, hi] :
+       {std::pair{-128, 127}, std::pair{0, 255}, std::pair{-8, 7}, std::pair{0, 3}}) {
     const auto y = qext::ops::fake_quantize(x, 0.037, lo + 1, lo, hi);
     const auto ref = torch::fake_quantize_per_tensor_affine(x, 0.037, lo + 1, lo, hi);
     EXPECT_TRUE(torch::equal(y, ref)) << "range [" << lo << ", " << hi << "]";
@@ -87,8 +88,8 @@ TEST(QuantizeOp, DequantizeOfQuantizeIsFakeQuantize) {
   EXPECT_EQ(q.scalar_type(), torch::kByte);
   const auto back = qext::ops::dequantize(q, scale, zero_point, 1);
   EXPECT_TRUE(torch::equal(back, qext::ops::fake_quantize(x, scale, zero_point, 0, 255, 1)));
-  const auto ref = torch::quantize_per_channel(x, scale.to(torch::kDouble), zero_point.to(torch::kLong), 1,
-                                               torch::kQUInt8);
+  const auto ref = torch::quantize_per_channel(x, scale.to(torch::kDouble),
+                                               zero_point.to(torch::kLong), 1, torch::kQUInt8);
   EXPECT_TRUE(torch::equal(q, ref.int_repr()));
 }
 
@@ -103,27 +104,30 @@ TEST(BadInput, ClearErrorsNamingTheArgument) {
     }
     return "no error";
   };
-  EXPECT_NE(message_of([&] { qext::ops::fake_quantize(x, torch::tensor({-0.1f}), zp, -8, 7); })
-                .find("scale must be finite and positive"),
+  EXPECT_NE(message_of([&] {
+              qext::ops::fake_quantize(x, torch::tensor({-0.1f}), zp, -8, 7);
+            }).find("scale must be finite and positive"),
             std::string::npos);
   EXPECT_NE(message_of([&] { qext::ops::fake_quantize(x, 0.1, 9, -8, 7); }).find("got 9"),
             std::string::npos);
   EXPECT_NE(message_of([&] { qext::ops::fake_quantize(x, 0.1, 0, 7, 7); }).find("quant_min=7"),
             std::string::npos);
   EXPECT_NE(message_of([&] {
-              qext::ops::fake_quantize(x, torch::ones({3}), torch::zeros({3}, torch::kInt), -8, 7, 2);
+              qext::ops::fake_quantize(x, torch::ones({3}), torch::zeros({3}, torch::kInt), -8, 7,
+                                       2);
             }).find("axis 2"),
             std::string::npos);
-  EXPECT_NE(message_of([&] { qext::ops::fake_quantize(x.to(torch::kInt), 0.1, 0, -8, 7); })
-                .find("floating-point"),
+  EXPECT_NE(message_of([&] {
+              qext::ops::fake_quantize(x.to(torch::kInt), 0.1, 0, -8, 7);
+            }).find("floating-point"),
             std::string::npos);
 }
 
 TEST(MetaKernels, ShapesWithoutData) {
   const auto x = torch::empty({2, 3, 4}, torch::device(torch::kMeta));
-  const auto y = qext::ops::fake_quantize(x, torch::empty({3}, torch::device(torch::kMeta)),
-                                          torch::empty({3}, torch::device(torch::kMeta).dtype(torch::kInt)),
-                                          -8, 7, 1);
+  const auto y = qext::ops::fake_quantize(
+      x, torch::empty({3}, torch::device(torch::kMeta)),
+      torch::empty({3}, torch::device(torch::kMeta).dtype(torch::kInt)), -8, 7, 1);
   EXPECT_EQ(y.sizes(), x.sizes());
   EXPECT_EQ(y.device().type(), torch::kMeta);
 }

@@ -81,8 +81,8 @@ void fake_quantize_row(const float* x, float* y, int64_t n, const QuantizerRow& 
     const __m256 clamped = _mm256_min_ps(hi, _mm256_max_ps(lo, level));
     store8<kStream>(y + i, _mm256_mul_ps(_mm256_sub_ps(clamped, p.zero_point), p.scale));
     if (mask != nullptr) {
-      const __m256 in_range = _mm256_and_ps(_mm256_cmp_ps(level, lo, _CMP_GE_OQ),
-                                            _mm256_cmp_ps(level, hi, _CMP_LE_OQ));
+      const __m256 in_range =
+          _mm256_and_ps(_mm256_cmp_ps(level, lo, _CMP_GE_OQ), _mm256_cmp_ps(level, hi, _CMP_LE_OQ));
       mask[(mask_bit0 + i) >> 3] = static_cast<uint8_t>(_mm256_movemask_ps(in_range));
     }
   }
@@ -103,8 +103,8 @@ inline double horizontal_sum(const __m256d* acc) {
 
 // Adds the 8 float lanes of v to sums[0..7] in double.
 inline void add_to_sums(__m256 v, double* sums) {
-  _mm256_storeu_pd(sums, _mm256_add_pd(_mm256_loadu_pd(sums),
-                                       _mm256_cvtps_pd(_mm256_castps256_ps128(v))));
+  _mm256_storeu_pd(
+      sums, _mm256_add_pd(_mm256_loadu_pd(sums), _mm256_cvtps_pd(_mm256_castps256_ps128(v))));
   _mm256_storeu_pd(sums + 4, _mm256_add_pd(_mm256_loadu_pd(sums + 4),
                                            _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1))));
 }
@@ -124,8 +124,8 @@ void learnable_grad_row(const float* x, const float* dy, float* dx, int64_t n,
     const __m256 level =
         _mm256_add_ps(_mm256_round_ps(_mm256_mul_ps(xv, p.inv_scale), kRound), p.zero_point);
     const __m256 below = _mm256_cmp_ps(level, lo, _CMP_LT_OQ);
-    const __m256 in_range = _mm256_and_ps(_mm256_cmp_ps(level, lo, _CMP_GE_OQ),
-                                          _mm256_cmp_ps(level, hi, _CMP_LE_OQ));
+    const __m256 in_range =
+        _mm256_and_ps(_mm256_cmp_ps(level, lo, _CMP_GE_OQ), _mm256_cmp_ps(level, hi, _CMP_LE_OQ));
     // Outside the range but not NaN (a NaN level compares unordered with everything).
     const __m256 outside = _mm256_andnot_ps(in_range, _mm256_cmp_ps(level, level, _CMP_ORD_Q));
 

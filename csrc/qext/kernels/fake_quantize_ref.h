@@ -61,7 +61,8 @@ inline A clamp_keep_nan(A q, A lo, A hi) {
 template <typename T>
 inline acc_t<T> quant_level(T x, const AffineQuantizer& q) {
   using A = acc_t<T>;
-  return std::nearbyint(static_cast<A>(x) * static_cast<A>(q.inv_scale)) + static_cast<A>(q.zero_point);
+  return std::nearbyint(static_cast<A>(x) * static_cast<A>(q.inv_scale)) +
+         static_cast<A>(q.zero_point);
 }
 
 template <typename T>
@@ -77,7 +78,9 @@ inline void set_mask_bit(uint8_t* mask, int64_t bit) {
   mask[bit >> 3] |= static_cast<uint8_t>(1u << (bit & 7));
 }
 
-inline bool mask_bit(const uint8_t* mask, int64_t bit) { return (mask[bit >> 3] >> (bit & 7)) & 1u; }
+inline bool mask_bit(const uint8_t* mask, int64_t bit) {
+  return (mask[bit >> 3] >> (bit & 7)) & 1u;
+}
 
 // y[i] = fake_quantize(x[i]) with quantizer row.at(i). When mask is given (pre-zeroed), bit
 // mask_bit0 + i is set where x[i] quantizes inside [quant_min, quant_max].

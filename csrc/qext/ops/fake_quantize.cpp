@@ -13,7 +13,7 @@ at::Tensor fake_quantize(const at::Tensor& input, const at::Tensor& scale,
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("qext::fake_quantize", "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                          int64_t, int64_t, std::optional<int64_t>)>();
+                                         int64_t, int64_t, std::optional<int64_t>)>();
   return op.call(input, scale, zero_point, quant_min, quant_max, axis);
 }
 
@@ -21,8 +21,8 @@ at::Tensor fake_quantize(const at::Tensor& input, double scale, int64_t zero_poi
                          int64_t quant_min, int64_t quant_max) {
   const auto options = at::TensorOptions().device(input.device());
   return fake_quantize(input, at::scalar_tensor(scale, options.dtype(at::kFloat)),
-                       at::scalar_tensor(zero_point, options.dtype(at::kInt)), quant_min,
-                       quant_max, std::nullopt);
+                       at::scalar_tensor(zero_point, options.dtype(at::kInt)), quant_min, quant_max,
+                       std::nullopt);
 }
 
 TORCH_LIBRARY_FRAGMENT(qext, m) {

@@ -12,7 +12,8 @@ namespace qext::ops {
 // q = clamp(nearbyint(x / scale) + zero_point, quant_min, quant_max), stored as `dtype` (int8,
 // uint8 or int32; by default the smallest of uint8, int8, int32 that holds the range).
 at::Tensor quantize(const at::Tensor& input, const at::Tensor& scale, const at::Tensor& zero_point,
-                    int64_t quant_min, int64_t quant_max, std::optional<int64_t> axis = std::nullopt,
+                    int64_t quant_min, int64_t quant_max,
+                    std::optional<int64_t> axis = std::nullopt,
                     std::optional<at::ScalarType> dtype = std::nullopt);
 
 // x = (q - zero_point) * scale as `dtype` (float32 by default), q an int8, uint8 or int32 tensor.

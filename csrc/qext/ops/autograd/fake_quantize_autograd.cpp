@@ -52,8 +52,12 @@ class FakeQuantizeFunction : public torch::autograd::Function<FakeQuantizeFuncti
     const auto sizes = ctx->saved_data["sizes"].toIntVector();
     const auto strides = ctx->saved_data["strides"].toIntVector();
     const at::Tensor grad = detail::align_to_layout(grad_outputs[0], sizes, strides);
-    return {fake_quantize_mask_backward(grad, mask), Variable(), Variable(), Variable(),
-            Variable(), Variable()};
+    return {fake_quantize_mask_backward(grad, mask),
+            Variable(),
+            Variable(),
+            Variable(),
+            Variable(),
+            Variable()};
   }
 };
 

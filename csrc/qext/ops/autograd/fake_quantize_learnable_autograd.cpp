@@ -35,8 +35,8 @@ class FakeQuantizeLearnableFunction
     ctx->saved_data["quant_max"] = quant_max;
     ctx->saved_data["grad_factor"] = grad_factor;
     ctx->saved_data["axis"] = axis;
-    return {fake_quantize_learnable(input, scale, zero_point, quant_min, quant_max, grad_factor,
-                                    axis)};
+    return {
+        fake_quantize_learnable(input, scale, zero_point, quant_min, quant_max, grad_factor, axis)};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
@@ -55,8 +55,8 @@ at::Tensor fake_quantize_learnable_autograd(const at::Tensor& input, const at::T
                                             const at::Tensor& zero_point, int64_t quant_min,
                                             int64_t quant_max, double grad_factor,
                                             std::optional<int64_t> axis) {
-  const bool wants_grad = input.requires_grad() || scale.requires_grad() ||
-                          zero_point.requires_grad();
+  const bool wants_grad =
+      input.requires_grad() || scale.requires_grad() || zero_point.requires_grad();
   if (!(at::GradMode::is_enabled() && wants_grad)) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return fake_quantize_learnable(input, scale, zero_point, quant_min, quant_max, grad_factor,

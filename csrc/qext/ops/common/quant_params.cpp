@@ -27,14 +27,16 @@ std::vector<double> read_host(const at::Tensor& t) {
 }  // namespace
 
 void check_quant_range(int64_t quant_min, int64_t quant_max, const char* op) {
-  TORCH_CHECK_VALUE(quant_min < quant_max, op, ": quant_min must be less than quant_max, got quant_min=",
-                    quant_min, " and quant_max=", quant_max);
+  TORCH_CHECK_VALUE(quant_min < quant_max, op,
+                    ": quant_min must be less than quant_max, got quant_min=", quant_min,
+                    " and quant_max=", quant_max);
   TORCH_CHECK_VALUE(quant_min >= kLowestLevel && quant_max <= kHighestLevel, op,
                     ": quant_min and quant_max must lie in [", kLowestLevel, ", ", kHighestLevel,
                     "], got quant_min=", quant_min, " and quant_max=", quant_max);
-  TORCH_CHECK_VALUE(quant_max - quant_min < kMaxLevels, op,
-                    ": the range [quant_min, quant_max] may hold at most 2^16 levels (16 bits), got [",
-                    quant_min, ", ", quant_max, "] (", quant_max - quant_min + 1, " levels)");
+  TORCH_CHECK_VALUE(
+      quant_max - quant_min < kMaxLevels, op,
+      ": the range [quant_min, quant_max] may hold at most 2^16 levels (16 bits), got [", quant_min,
+      ", ", quant_max, "] (", quant_max - quant_min + 1, " levels)");
 }
 
 void check_float_input(const at::Tensor& input, const char* op, const char* name) {
@@ -94,14 +96,13 @@ std::optional<int64_t> check_quant_signature(const at::Tensor& input, const at::
 }
 
 QuantParams resolve_quant_params(const at::Tensor& dense_input, const at::Tensor& scale,
-                                 const at::Tensor& zero_point, int64_t quant_min,
-                                 int64_t quant_max, std::optional<int64_t> axis,
-                                 ZeroPointKind kind, const char* op) {
+                                 const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max,
+                                 std::optional<int64_t> axis, ZeroPointKind kind, const char* op) {
   QuantParams p;
   p.quant_min = quant_min;
   p.quant_max = quant_max;
-  p.axis = check_quant_signature(dense_input, scale, zero_point, quant_min, quant_max, axis, kind,
-                                 op);
+  p.axis =
+      check_quant_signature(dense_input, scale, zero_point, quant_min, quant_max, axis, kind, op);
   if (p.axis.has_value()) {
     const int64_t channels = dense_input.size(*p.axis);
     p.layout.channels = channels;
@@ -133,9 +134,11 @@ QuantParams resolve_quant_params(const at::Tensor& dense_input, const at::Tensor
       z = std::min(std::max(std::nearbyint(z), static_cast<double>(quant_min)),
                    static_cast<double>(quant_max));
     }
-    TORCH_CHECK_VALUE(z >= quant_min && z <= quant_max, op, ": zero_point must lie in [quant_min, "
-                      "quant_max] = [", quant_min, ", ", quant_max, "], got ", z,
-                      n > 1 ? " for channel " : "", n > 1 ? std::to_string(c) : "");
+    TORCH_CHECK_VALUE(z >= quant_min && z <= quant_max, op,
+                      ": zero_point must lie in [quant_min, "
+                      "quant_max] = [",
+                      quant_min, ", ", quant_max, "], got ", z, n > 1 ? " for channel " : "",
+                      n > 1 ? std::to_string(c) : "");
     p.zero_point[c] = static_cast<float>(z);
   }
   return p;

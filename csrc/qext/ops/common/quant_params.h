@@ -59,9 +59,8 @@ std::optional<int64_t> check_quant_signature(const at::Tensor& input, const at::
 // parameters for `dense_input` (a non-overlapping and dense tensor, see as_dense). Reads scale and
 // zero_point on the host: one device-to-host copy for CUDA tensors.
 QuantParams resolve_quant_params(const at::Tensor& dense_input, const at::Tensor& scale,
-                                 const at::Tensor& zero_point, int64_t quant_min,
-                                 int64_t quant_max, std::optional<int64_t> axis,
-                                 ZeroPointKind kind, const char* op);
+                                 const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max,
+                                 std::optional<int64_t> axis, ZeroPointKind kind, const char* op);
 
 // input itself when it is non-overlapping and dense (any dim order, e.g. channels_last), else a
 // contiguous copy. Kernels then walk memory linearly, and at::empty_like keeps the same layout.

@@ -33,8 +33,9 @@ constexpr int64_t kGrainBlocks = 512;
 constexpr int64_t kStreamingBytes = int64_t{16} << 20;
 
 Store store_for(const at::Tensor& out) {
-  return out.numel() * static_cast<int64_t>(out.element_size()) >= kStreamingBytes ? Store::kStreaming
-                                                                                 : Store::kCached;
+  return out.numel() * static_cast<int64_t>(out.element_size()) >= kStreamingBytes
+             ? Store::kStreaming
+             : Store::kCached;
 }
 
 // Calls f(offset, length, row) for the runs of [begin, end) (memory offsets of a dense tensor)
@@ -44,9 +45,9 @@ template <typename F>
 void for_each_row(const QuantParams& p, int64_t begin, int64_t end, F&& f) {
   const ChannelLayout& l = p.layout;
   auto row_at = [&](int64_t channel, int64_t step) {
-    return QuantizerRow{p.scale.data() + channel, p.inv_scale.data() + channel,
-                        p.zero_point.data() + channel, step, static_cast<float>(p.quant_min),
-                        static_cast<float>(p.quant_max)};
+    return QuantizerRow{p.scale.data() + channel,        p.inv_scale.data() + channel,
+                        p.zero_point.data() + channel,   step,
+                        static_cast<float>(p.quant_min), static_cast<float>(p.quant_max)};
   };
   if (l.channels == 1) {
     f(begin, end - begin, row_at(0, 0));
@@ -71,9 +72,8 @@ void for_each_row(const QuantParams& p, int64_t begin, int64_t end, F&& f) {
 template <typename F>
 void parallel_blocks(int64_t numel, F&& f) {
   const int64_t blocks = (numel + kBlock - 1) / kBlock;
-  at::parallel_for(0, blocks, kGrainBlocks, [&](int64_t b0, int64_t b1) {
-    f(b0 * kBlock, std::min(b1 * kBlock, numel));
-  });
+  at::parallel_for(0, blocks, kGrainBlocks,
+                   [&](int64_t b0, int64_t b1) { f(b0 * kBlock, std::min(b1 * kBlock, numel)); });
 }
 
 // Row kernels: AVX2 for float32 where the CPU has it, the scalar reference otherwise.
@@ -99,8 +99,8 @@ void masked_grad(const T* dy, const uint8_t* mask, T* dx, int64_t begin, int64_t
 }
 
 template <>
-void masked_grad<float>(const float* dy, const uint8_t* mask, float* dx, int64_t begin,
-                        int64_t end, Store store) {
+void masked_grad<float>(const float* dy, const uint8_t* mask, float* dx, int64_t begin, int64_t end,
+                        Store store) {
   if (kernels::cpu_has_avx2()) {
     kernels::masked_grad_avx2(dy, mask, dx, begin, end, store);
   } else {
@@ -143,21 +143,23 @@ at::Tensor fake_quantize_cpu(const at::Tensor& input, const at::Tensor& scale,
                              const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max,
                              std::optional<int64_t> axis) {
   const at::Tensor x = detail::as_dense(input);
-  const QuantParams p = detail::resolve_quant_params(x, scale, zero_point, quant_min, quant_max,
-                                                     axis, detail::ZeroPointKind::kInteger,
-                                                     "fake_quantize");
+  const QuantParams p =
+      detail::resolve_quant_params(x, scale, zero_point, quant_min, quant_max, axis,
+                                   detail::ZeroPointKind::kInteger, "fake_quantize");
   at::Tensor y = at::empty_like(x);
   fake_quantize_into(x, y, nullptr, p);
   return y;
 }
 
-std::tuple<at::Tensor, at::Tensor> fake_quantize_with_mask_cpu(
-    const at::Tensor& input, const at::Tensor& scale, const at::Tensor& zero_point,
-    int64_t quant_min, int64_t quant_max, std::optional<int64_t> axis) {
+std::tuple<at::Tensor, at::Tensor> fake_quantize_with_mask_cpu(const at::Tensor& input,
+                                                               const at::Tensor& scale,
+                                                               const at::Tensor& zero_point,
+                                                               int64_t quant_min, int64_t quant_max,
+                                                               std::optional<int64_t> axis) {
   const at::Tensor x = detail::as_dense(input);
-  const QuantParams p = detail::resolve_quant_params(x, scale, zero_point, quant_min, quant_max,
-                                                     axis, detail::ZeroPointKind::kInteger,
-                                                     "fake_quantize");
+  const QuantParams p =
+      detail::resolve_quant_params(x, scale, zero_point, quant_min, quant_max, axis,
+                                   detail::ZeroPointKind::kInteger, "fake_quantize");
   at::Tensor y = at::empty_like(x);
   at::Tensor mask = at::zeros({detail::packed_mask_bytes(x.numel())}, x.options().dtype(at::kByte));
   fake_quantize_into(x, y, mask.mutable_data_ptr<uint8_t>(), p);
@@ -170,19 +172,20 @@ at::Tensor fake_quantize_mask_backward_cpu(const at::Tensor& grad, const at::Ten
   TORCH_CHECK(grad.is_non_overlapping_and_dense(), op, ": grad must be dense");
   TORCH_CHECK(mask.scalar_type() == at::kByte && mask.dim() == 1 && mask.is_contiguous() &&
                   mask.numel() == detail::packed_mask_bytes(grad.numel()),
-              op, ": mask must be a contiguous uint8 tensor of ", detail::packed_mask_bytes(grad.numel()),
-              " bytes for ", grad.numel(), " elements, got ", mask.scalar_type(), " of shape ",
-              mask.sizes());
+              op, ": mask must be a contiguous uint8 tensor of ",
+              detail::packed_mask_bytes(grad.numel()), " bytes for ", grad.numel(),
+              " elements, got ", mask.scalar_type(), " of shape ", mask.sizes());
   at::Tensor dx = at::empty_like(grad);
   const uint8_t* bits = mask.const_data_ptr<uint8_t>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "fake_quantize_backward", [&] {
-    const scalar_t* dy = grad.const_data_ptr<scalar_t>();
-    scalar_t* out = dx.mutable_data_ptr<scalar_t>();
-    const Store store = store_for(dx);
-    parallel_blocks(grad.numel(), [&](int64_t begin, int64_t end) {
-      masked_grad(dy, bits, out, begin, end, store);
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(),
+                                  "fake_quantize_backward", [&] {
+                                    const scalar_t* dy = grad.const_data_ptr<scalar_t>();
+                                    scalar_t* out = dx.mutable_data_ptr<scalar_t>();
+                                    const Store store = store_for(dx);
+                                    parallel_blocks(grad.numel(), [&](int64_t begin, int64_t end) {
+                                      masked_grad(dy, bits, out, begin, end, store);
+                                    });
+                                  });
   return dx;
 }
 
@@ -191,9 +194,9 @@ at::Tensor fake_quantize_learnable_cpu(const at::Tensor& input, const at::Tensor
                                        int64_t quant_max, double grad_factor,
                                        std::optional<int64_t> axis) {
   const at::Tensor x = detail::as_dense(input);
-  const QuantParams p = detail::resolve_quant_params(x, scale, zero_point, quant_min, quant_max,
-                                                     axis, detail::ZeroPointKind::kLearnable,
-                                                     "fake_quantize_learnable");
+  const QuantParams p =
+      detail::resolve_quant_params(x, scale, zero_point, quant_min, quant_max, axis,
+                                   detail::ZeroPointKind::kLearnable, "fake_quantize_learnable");
   at::Tensor y = at::empty_like(x);
   fake_quantize_into(x, y, nullptr, p);
   return y;
@@ -219,21 +222,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_learnable_backward_
   const int threads = at::get_num_threads();
   std::vector<double> dscale_parts(static_cast<size_t>(threads) * channels, 0.0);
   std::vector<double> dzp_parts(static_cast<size_t>(threads) * channels, 0.0);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fake_quantize_learnable_backward", [&] {
-    const scalar_t* in = x.const_data_ptr<scalar_t>();
-    const scalar_t* g = dy.const_data_ptr<scalar_t>();
-    scalar_t* out = dx.mutable_data_ptr<scalar_t>();
-    const Store store = store_for(dx);
-    parallel_blocks(x.numel(), [&](int64_t begin, int64_t end) {
-      double* dscale_sum = dscale_parts.data() + at::get_thread_num() * channels;
-      double* dzp_sum = dzp_parts.data() + at::get_thread_num() * channels;
-      for_each_row(p, begin, end, [&](int64_t pos, int64_t len, const QuantizerRow& row) {
-        const int64_t channel = row.scale - p.scale.data();
-        learnable_grad_row(in + pos, g + pos, out + pos, len, row, dscale_sum + channel,
-                           dzp_sum + channel, store);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "fake_quantize_learnable_backward", [&] {
+        const scalar_t* in = x.const_data_ptr<scalar_t>();
+        const scalar_t* g = dy.const_data_ptr<scalar_t>();
+        scalar_t* out = dx.mutable_data_ptr<scalar_t>();
+        const Store store = store_for(dx);
+        parallel_blocks(x.numel(), [&](int64_t begin, int64_t end) {
+          double* dscale_sum = dscale_parts.data() + at::get_thread_num() * channels;
+          double* dzp_sum = dzp_parts.data() + at::get_thread_num() * channels;
+          for_each_row(p, begin, end, [&](int64_t pos, int64_t len, const QuantizerRow& row) {
+            const int64_t channel = row.scale - p.scale.data();
+            learnable_grad_row(in + pos, g + pos, out + pos, len, row, dscale_sum + channel,
+                               dzp_sum + channel, store);
+          });
+        });
       });
-    });
-  });
 
   at::Tensor dscale = at::empty({channels}, scale.options().dtype(at::kDouble));
   at::Tensor dzp = at::empty({channels}, scale.options().dtype(at::kDouble));
@@ -248,8 +252,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_learnable_backward_
     dscale_out[c] = s * grad_factor;
     dzp_out[c] = z * grad_factor;
   }
-  const auto zp_dtype = at::isFloatingType(zero_point.scalar_type()) ? zero_point.scalar_type()
-                                                                      : scale.scalar_type();
+  const auto zp_dtype =
+      at::isFloatingType(zero_point.scalar_type()) ? zero_point.scalar_type() : scale.scalar_type();
   return {dx, dscale.to(scale.scalar_type()).reshape(scale.sizes()),
           dzp.to(zp_dtype).reshape(zero_point.sizes())};
 }

@@ -68,9 +68,12 @@ at::Tensor quantize_cpu(const at::Tensor& input, const at::Tensor& scale,
         });
       });
     };
-    if (out_type == at::kByte) run(q.mutable_data_ptr<uint8_t>());
-    else if (out_type == at::kChar) run(q.mutable_data_ptr<int8_t>());
-    else run(q.mutable_data_ptr<int32_t>());
+    if (out_type == at::kByte)
+      run(q.mutable_data_ptr<uint8_t>());
+    else if (out_type == at::kChar)
+      run(q.mutable_data_ptr<int8_t>());
+    else
+      run(q.mutable_data_ptr<int32_t>());
   });
   TORCH_CHECK_VALUE(!saw_nan, op, ": input contains NaN, which has no integer representation");
   return q;
@@ -97,13 +100,17 @@ at::Tensor dequantize_cpu(const at::Tensor& input, const at::Tensor& scale,
       at::parallel_for(0, q.numel(), kGrain, [&](int64_t begin, int64_t end) {
         for_each_channel_run(p, begin, end, [&](int64_t b, int64_t e, int64_t c) {
           const acc zp = p.zero_point[c], s = p.scale[c];
-          for (int64_t i = b; i < e; ++i) out[i] = static_cast<out_t>((static_cast<acc>(in[i]) - zp) * s);
+          for (int64_t i = b; i < e; ++i)
+            out[i] = static_cast<out_t>((static_cast<acc>(in[i]) - zp) * s);
         });
       });
     };
-    if (q.scalar_type() == at::kByte) run(q.const_data_ptr<uint8_t>());
-    else if (q.scalar_type() == at::kChar) run(q.const_data_ptr<int8_t>());
-    else run(q.const_data_ptr<int32_t>());
+    if (q.scalar_type() == at::kByte)
+      run(q.const_data_ptr<uint8_t>());
+    else if (q.scalar_type() == at::kChar)
+      run(q.const_data_ptr<int8_t>());
+    else
+      run(q.const_data_ptr<int32_t>());
   });
   return x;
 }

@@ -26,7 +26,8 @@ std::tuple<at::Tensor, at::Tensor> fake_quantize_with_mask_meta(
     const at::Tensor& input, const at::Tensor& scale, const at::Tensor& zero_point,
     int64_t quant_min, int64_t quant_max, std::optional<int64_t> axis) {
   at::Tensor y = fake_quantize_meta(input, scale, zero_point, quant_min, quant_max, axis);
-  return {y, at::empty({detail::packed_mask_bytes(input.numel())}, input.options().dtype(at::kByte))};
+  return {y,
+          at::empty({detail::packed_mask_bytes(input.numel())}, input.options().dtype(at::kByte))};
 }
 
 at::Tensor fake_quantize_mask_backward_meta(const at::Tensor& grad, const at::Tensor& mask) {
@@ -46,8 +47,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_learnable_backward_
     const at::Tensor& grad, const at::Tensor& input, const at::Tensor& scale,
     const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max, double grad_factor,
     std::optional<int64_t> axis) {
-  const auto zp_dtype = at::isFloatingType(zero_point.scalar_type()) ? zero_point.scalar_type()
-                                                                      : scale.scalar_type();
+  const auto zp_dtype =
+      at::isFloatingType(zero_point.scalar_type()) ? zero_point.scalar_type() : scale.scalar_type();
   return {at::empty_like(detail::as_dense(input)), at::empty_like(scale),
           at::empty_like(zero_point, zero_point.options().dtype(zp_dtype))};
 }
