@@ -162,6 +162,8 @@ class LsqFakeQuant(nn.Module):
     scaled by 1/sqrt(n*qmax), n = elements per scale (per channel for weights, per batch for activations).
     """
 
+    eps = torch.finfo(torch.float32).eps  # smallest step size (as torch.ao's _LearnableFakeQuantize)
+
     def __init__(self, quant_min: int, quant_max: int, channels: int = 1, axis: int | None = None,
                  learn_zero_point: bool = False):
         super().__init__()
@@ -176,7 +178,7 @@ class LsqFakeQuant(nn.Module):
             mean_abs = v.abs().mean().reshape(1)
         else:
             mean_abs = v.abs().transpose(0, self.axis).flatten(1).mean(dim=1)
-        self.scale.copy_((2 * mean_abs / math.sqrt(self.quant_max)).clamp_min(1e-6))
+        self.scale.copy_((2 * mean_abs / math.sqrt(self.quant_max)).clamp_min(self.eps))
         if self.zero_point.requires_grad:  # LSQ+: start with the tensor's minimum mapped to quant_min
             lo = v.min().clamp(max=0.0)
             self.zero_point.fill_(float(self.quant_min) - float(lo) / float(self.scale.mean()))
@@ -186,6 +188,8 @@ class LsqFakeQuant(nn.Module):
     def forward(self, v: torch.Tensor) -> torch.Tensor:
         if not bool(self.initialized):
             self._init_from(v.detach())
+        with torch.no_grad():  # an optimizer step can push a step size to <= 0; qext requires it positive
+            self.scale.clamp_(min=self.eps)
         per_scale = v.numel() // self.scale.numel()
         grad_factor = 1.0 / math.sqrt(per_scale * self.quant_max)
         return qext.fake_quantize_learnable(v, self.scale, self.zero_point, self.quant_min, self.quant_max,

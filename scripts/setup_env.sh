@@ -95,16 +95,6 @@ else
     say "requirements.txt satisfied: $(grep -Ev '^\s*(#|$)' "$ROOT/requirements.txt" | tr '\n' ' ')"
 fi
 
-# Build tooling for `pip install --no-build-isolation -e .`: the venv's own setuptools builds qext, and
-# setuptools < 70.1 (Python 3.11's venv ships 65.5) needs the `wheel` package for bdist_wheel, which pip >= 25
-# always uses for editable installs.  wheel 0.45.1 is the last release that still carries bdist_wheel itself.
-BUILD_TOOLS=(wheel==0.45.1)
-if ! "$VPY" -c 'import setuptools.command.bdist_wheel' >/dev/null 2>&1 \
-   && ! "$VPY" -c 'import wheel.bdist_wheel' >/dev/null 2>&1; then
-    say "installing build tooling: ${BUILD_TOOLS[*]}"
-    "${PIP[@]}" install "${BUILD_TOOLS[@]}"
-fi
-
 "$VPY" - <<'PY'
 import torch
 print(f"[setup_env] torch {torch.__version__} (CUDA {torch.version.cuda}, GPU available: {torch.cuda.is_available()})")
