@@ -39,6 +39,12 @@ except ImportError as exc:  # pragma: no cover - a set-up problem
     sys.exit(f"error: cannot import qext ({exc}); run `bash scripts/setup_env.sh` first")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# glibc returns freed blocks over 32 MiB to the OS, so every 51 MB output of either library is
+# page-faulted in afresh and the page faults, not the kernels, dominate the times. The benchmark
+# re-runs itself with thresholds that keep freed memory for reuse, as a caching allocator (jemalloc,
+# tcmalloc, or PyTorch's own on CUDA) would; --system-malloc measures glibc's defaults instead.
+MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296"
 QMIN, QMAX = 0, 255  # uint8 range for all cases
 
 
@@ -178,7 +184,13 @@ def main(argv=None) -> int:
     p.add_argument("--cases", default="", help="comma-separated substrings; run only matching cases")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=REPO_ROOT / "results" / "bench_fake_quantize.json")
+    p.add_argument("--system-malloc", action="store_true",
+                   help="keep glibc's default malloc thresholds (large outputs page-faulted on every call)")
     args = p.parse_args(argv)
+
+    if not args.system_malloc and os.environ.get("GLIBC_TUNABLES") != MALLOC_TUNABLES:
+        env = dict(os.environ, GLIBC_TUNABLES=MALLOC_TUNABLES)
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("error: --device cuda but torch.cuda.is_available() is False")
@@ -194,7 +206,8 @@ def main(argv=None) -> int:
     print(f"torch {torch.__version__}, qext {getattr(qext, '__version__', '?')}, device {args.device} ({dev_name}), "
           f"threads {torch.get_num_threads()}, shape {'x'.join(map(str, args.shape))} float32 "
           f"({numel / 1e6:.1f} M elements), per-channel axis {axis} (C={x.shape[axis]}), "
-          f"median of {args.repeats} after {args.warmup} warm-up")
+          f"median of {args.repeats} after {args.warmup} warm-up, "
+          f"malloc: {'glibc defaults' if args.system_malloc else 'freed blocks kept for reuse (' + MALLOC_TUNABLES + ')'}")
 
     wanted = [w.strip() for w in args.cases.split(",") if w.strip()]
     rows = []

@@ -11,9 +11,9 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
-#include <ATen/cuda/detail/IntegerDivider.cuh>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
+#include <ATen/cuda/detail/IntegerDivider.cuh>
 
 #include <algorithm>
 #include <cstdint>
@@ -25,9 +25,9 @@
 namespace qext::ops {
 namespace {
 
-constexpr int kThreads = 256;      // threads per block of the elementwise kernels
-constexpr int kGroup = 8;          // elements per thread step; also the bits of one mask byte
-constexpr int kBlocksPerSm = 32;   // grid cap of the grid-stride kernels, per multiprocessor
+constexpr int kThreads = 256;     // threads per block of the elementwise kernels
+constexpr int kGroup = 8;         // elements per thread step; also the bits of one mask byte
+constexpr int kBlocksPerSm = 32;  // grid cap of the grid-stride kernels, per multiprocessor
 
 // Accumulation type: double for double, float for float, half and bfloat16.
 template <typename T>
@@ -240,16 +240,19 @@ void launch_affine_map(const in_t* x, out_t* y, int64_t n, const Op& op,
     affine_map_kernel<in_t, out_t, index_t, kPerChannel, Op>
         <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
             x, y, static_cast<index_t>(n), vec_ok, op, tensor_q,
-            make_channel_args<index_t>(p, device_params), mask,
-            static_cast<index_t>(mask_bytes));
+            make_channel_args<index_t>(p, device_params), mask, static_cast<index_t>(mask_bytes));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   if (use_32bit_index(n)) {
-    if (per_channel) launch(uint32_t{}, std::true_type{});
-    else launch(uint32_t{}, std::false_type{});
+    if (per_channel)
+      launch(uint32_t{}, std::true_type{});
+    else
+      launch(uint32_t{}, std::false_type{});
   } else {
-    if (per_channel) launch(uint64_t{}, std::true_type{});
-    else launch(uint64_t{}, std::false_type{});
+    if (per_channel)
+      launch(uint64_t{}, std::true_type{});
+    else
+      launch(uint64_t{}, std::false_type{});
   }
 }
 

@@ -38,16 +38,18 @@ struct FakeQuantizeOp {
   }
 };
 
-// y = fake_quantize(x) over the dense tensor x (y has its layout); mask: nullptr or the packed mask.
+// y = fake_quantize(x) over the dense tensor x (y has its layout); mask: nullptr or the packed
+// mask.
 void fake_quantize_into(const at::Tensor& x, at::Tensor& y, uint8_t* mask, int64_t mask_bytes,
                         const QuantParams& p) {
   const at::Tensor params = upload_channel_params(p, x.device());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fake_quantize_cuda", [&] {
-    const FakeQuantizeOp<scalar_t> op{static_cast<float>(p.quant_min),
-                                      static_cast<float>(p.quant_max)};
-    launch_affine_map(x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), x.numel(), op,
-                      p, params, mask, mask_bytes);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "fake_quantize_cuda", [&] {
+        const FakeQuantizeOp<scalar_t> op{static_cast<float>(p.quant_min),
+                                          static_cast<float>(p.quant_max)};
+        launch_affine_map(x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), x.numel(),
+                          op, p, params, mask, mask_bytes);
+      });
 }
 
 at::Tensor fake_quantize_cuda(const at::Tensor& input, const at::Tensor& scale,
@@ -55,9 +57,9 @@ at::Tensor fake_quantize_cuda(const at::Tensor& input, const at::Tensor& scale,
                               std::optional<int64_t> axis) {
   const c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor x = detail::as_dense(input);
-  const QuantParams p = detail::resolve_quant_params(x, scale, zero_point, quant_min, quant_max,
-                                                     axis, detail::ZeroPointKind::kInteger,
-                                                     "fake_quantize");
+  const QuantParams p =
+      detail::resolve_quant_params(x, scale, zero_point, quant_min, quant_max, axis,
+                                   detail::ZeroPointKind::kInteger, "fake_quantize");
   at::Tensor y = at::empty_like(x);
   fake_quantize_into(x, y, nullptr, 0, p);
   return y;
@@ -68,9 +70,9 @@ std::tuple<at::Tensor, at::Tensor> fake_quantize_with_mask_cuda(
     int64_t quant_min, int64_t quant_max, std::optional<int64_t> axis) {
   const c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor x = detail::as_dense(input);
-  const QuantParams p = detail::resolve_quant_params(x, scale, zero_point, quant_min, quant_max,
-                                                     axis, detail::ZeroPointKind::kInteger,
-                                                     "fake_quantize");
+  const QuantParams p =
+      detail::resolve_quant_params(x, scale, zero_point, quant_min, quant_max, axis,
+                                   detail::ZeroPointKind::kInteger, "fake_quantize");
   at::Tensor y = at::empty_like(x);
   // Every byte (padding included) is written by the kernel: no memset needed.
   const int64_t mask_bytes = detail::packed_mask_bytes(x.numel());
@@ -114,11 +116,12 @@ at::Tensor fake_quantize_mask_backward_cuda(const at::Tensor& grad, const at::Te
   TORCH_CHECK(grad.is_non_overlapping_and_dense(), op, ": grad must be dense");
   TORCH_CHECK(mask.scalar_type() == at::kByte && mask.dim() == 1 && mask.is_contiguous() &&
                   mask.numel() == detail::packed_mask_bytes(grad.numel()),
-              op, ": mask must be a contiguous uint8 tensor of ", detail::packed_mask_bytes(grad.numel()),
-              " bytes for ", grad.numel(), " elements, got ", mask.scalar_type(), " of shape ",
-              mask.sizes());
-  TORCH_CHECK(mask.device() == grad.device(), op, ": grad and mask must be on the same device, got ",
-              grad.device(), " and ", mask.device());
+              op, ": mask must be a contiguous uint8 tensor of ",
+              detail::packed_mask_bytes(grad.numel()), " bytes for ", grad.numel(),
+              " elements, got ", mask.scalar_type(), " of shape ", mask.sizes());
+  TORCH_CHECK(mask.device() == grad.device(), op,
+              ": grad and mask must be on the same device, got ", grad.device(), " and ",
+              mask.device());
   const c10::cuda::CUDAGuard guard(grad.device());
   at::Tensor dx = at::empty_like(grad);
   const int64_t n = grad.numel();
@@ -127,21 +130,22 @@ at::Tensor fake_quantize_mask_backward_cuda(const at::Tensor& grad, const at::Te
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int64_t blocks = std::min<int64_t>(ceil_div(ceil_div(n, kGroup), kThreads),
                                            multiprocessor_count() * kBlocksPerSm);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "fake_quantize_backward_cuda", [&] {
-    const scalar_t* dy = grad.const_data_ptr<scalar_t>();
-    scalar_t* out = dx.mutable_data_ptr<scalar_t>();
-    const bool vec_ok = pack_aligned<scalar_t>(dy) && pack_aligned<scalar_t>(out);
-    if (use_32bit_index(n)) {
-      fake_quantize_mask_backward_kernel<scalar_t, uint32_t>
-          <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(dy, bits, out,
-                                                                    static_cast<uint32_t>(n), vec_ok);
-    } else {
-      fake_quantize_mask_backward_kernel<scalar_t, uint64_t>
-          <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(dy, bits, out,
-                                                                    static_cast<uint64_t>(n), vec_ok);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, grad.scalar_type(), "fake_quantize_backward_cuda", [&] {
+        const scalar_t* dy = grad.const_data_ptr<scalar_t>();
+        scalar_t* out = dx.mutable_data_ptr<scalar_t>();
+        const bool vec_ok = pack_aligned<scalar_t>(dy) && pack_aligned<scalar_t>(out);
+        if (use_32bit_index(n)) {
+          fake_quantize_mask_backward_kernel<scalar_t, uint32_t>
+              <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+                  dy, bits, out, static_cast<uint32_t>(n), vec_ok);
+        } else {
+          fake_quantize_mask_backward_kernel<scalar_t, uint64_t>
+              <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+                  dy, bits, out, static_cast<uint64_t>(n), vec_ok);
+        }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
   return dx;
 }
 
@@ -152,9 +156,9 @@ at::Tensor fake_quantize_learnable_cuda(const at::Tensor& input, const at::Tenso
                                         std::optional<int64_t> axis) {
   const c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor x = detail::as_dense(input);
-  const QuantParams p = detail::resolve_quant_params(x, scale, zero_point, quant_min, quant_max,
-                                                     axis, detail::ZeroPointKind::kLearnable,
-                                                     "fake_quantize_learnable");
+  const QuantParams p =
+      detail::resolve_quant_params(x, scale, zero_point, quant_min, quant_max, axis,
+                                   detail::ZeroPointKind::kLearnable, "fake_quantize_learnable");
   at::Tensor y = at::empty_like(x);
   fake_quantize_into(x, y, nullptr, 0, p);
   return y;
@@ -229,11 +233,14 @@ __device__ __forceinline__ void block_sum2(double& a, double& b) {
 // after each row the block sums its terms and adds them to the channel's double accumulators.
 // vec_ok: x, dy, dx are Pack8-aligned and so is every row start.
 template <typename T, typename index_t>
-__global__ void __launch_bounds__(kThreads) fake_quantize_learnable_backward_rows_kernel(
-    const T* __restrict__ x, const T* __restrict__ dy, T* __restrict__ dx, index_t rows,
-    index_t row_len, index_t channels, const float* __restrict__ params, Quantizer tensor_q,
-    float quant_min, float quant_max, bool vec_ok, double* __restrict__ dscale_sum,
-    double* __restrict__ dzp_sum) {
+__global__ void __launch_bounds__(kThreads)
+    fake_quantize_learnable_backward_rows_kernel(const T* __restrict__ x, const T* __restrict__ dy,
+                                                 T* __restrict__ dx, index_t rows, index_t row_len,
+                                                 index_t channels, const float* __restrict__ params,
+                                                 Quantizer tensor_q, float quant_min,
+                                                 float quant_max, bool vec_ok,
+                                                 double* __restrict__ dscale_sum,
+                                                 double* __restrict__ dzp_sum) {
   const index_t groups = (row_len + (kGroup - 1)) / kGroup;
   const index_t first = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const index_t stride = static_cast<index_t>(gridDim.x) * blockDim.x;
@@ -256,15 +263,16 @@ __global__ void __launch_bounds__(kThreads) fake_quantize_learnable_backward_row
         Pack8<T> out;
 #pragma unroll
         for (int j = 0; j < kGroup; ++j) {
-          out.val[j] = learnable_element(xv.val[j], gv.val[j], q, quant_min, quant_max, sum_s, sum_z);
+          out.val[j] =
+              learnable_element(xv.val[j], gv.val[j], q, quant_min, quant_max, sum_s, sum_z);
         }
         store_pack(dxr + i0, out);
       } else {
 #pragma unroll
         for (int j = 0; j < kGroup; ++j) {
           if (i0 + j < row_len) {
-            dxr[i0 + j] = learnable_element(xr[i0 + j], gr[i0 + j], q, quant_min, quant_max,
-                                            sum_s, sum_z);
+            dxr[i0 + j] =
+                learnable_element(xr[i0 + j], gr[i0 + j], q, quant_min, quant_max, sum_s, sum_z);
           }
         }
       }
@@ -279,9 +287,9 @@ __global__ void __launch_bounds__(kThreads) fake_quantize_learnable_backward_row
 
 // Learnable backward for per-channel layouts with short channel runs (small inner): the channel
 // pattern repeats every period = channels * inner elements, and `threads` (a multiple of the
-// period, at most n) threads each take the elements t, t + threads, ..., which all belong to channel
-// (t / inner) % channels, so a thread sums in registers without ever switching channel. Blocks then
-// combine their threads' sums per channel before one atomicAdd per channel and block.
+// period, at most n) threads each take the elements t, t + threads, ..., which all belong to
+// channel (t / inner) % channels, so a thread sums in registers without ever switching channel.
+// Blocks then combine their threads' sums per channel before one atomicAdd per channel and block.
 template <typename T, typename index_t>
 __global__ void __launch_bounds__(kThreads) fake_quantize_learnable_backward_periodic_kernel(
     const T* __restrict__ x, const T* __restrict__ dy, T* __restrict__ dx, index_t n,
@@ -365,18 +373,21 @@ void launch_learnable_backward(const T* x, const T* dy, T* dx, int64_t n, const 
     const int64_t grid_y = std::min<int64_t>(rows, 65535);
     const int64_t grid_x = std::max<int64_t>(
         1, std::min<int64_t>(ceil_div(groups, threads), target_threads / (threads * grid_y)));
-    const bool vec_ok = pack_aligned<T>(x) && pack_aligned<T>(dy) && pack_aligned<T>(dx) &&
-                        (rows == 1 || (row_len * static_cast<int64_t>(sizeof(T))) % alignof(Pack8<T>) == 0);
+    const bool vec_ok =
+        pack_aligned<T>(x) && pack_aligned<T>(dy) && pack_aligned<T>(dx) &&
+        (rows == 1 || (row_len * static_cast<int64_t>(sizeof(T))) % alignof(Pack8<T>) == 0);
     const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y));
     fake_quantize_learnable_backward_rows_kernel<T, index_t>
         <<<grid, static_cast<unsigned>(threads), 0, stream>>>(
             x, dy, dx, static_cast<index_t>(rows), static_cast<index_t>(row_len),
-            static_cast<index_t>(l.channels), per_channel ? params.const_data_ptr<float>() : nullptr,
-            tensor_q, qmin, qmax, vec_ok, dscale_sum, dzp_sum);
+            static_cast<index_t>(l.channels),
+            per_channel ? params.const_data_ptr<float>() : nullptr, tensor_q, qmin, qmax, vec_ok,
+            dscale_sum, dzp_sum);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else {
     const int64_t period = l.channels * l.inner;  // divides n
-    const int64_t repeats = std::max<int64_t>(1, std::min<int64_t>(l.outer, target_threads / period));
+    const int64_t repeats =
+        std::max<int64_t>(1, std::min<int64_t>(l.outer, target_threads / period));
     const int64_t threads = period * repeats;
     fake_quantize_learnable_backward_periodic_kernel<T, index_t>
         <<<static_cast<unsigned>(ceil_div(threads, kThreads)), kThreads, 0, stream>>>(
@@ -412,23 +423,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_learnable_backward_
   const int64_t n = x.numel();
   if (n > 0) {
     const at::Tensor params = upload_channel_params(p, x.device());
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fake_quantize_learnable_backward_cuda", [&] {
-      const scalar_t* in = x.const_data_ptr<scalar_t>();
-      const scalar_t* g = dy.const_data_ptr<scalar_t>();
-      scalar_t* out = dx.mutable_data_ptr<scalar_t>();
-      double* s = dscale.mutable_data_ptr<double>();
-      double* z = dzp.mutable_data_ptr<double>();
-      if (use_32bit_index(n)) {
-        launch_learnable_backward<scalar_t, uint32_t>(in, g, out, n, p, params, s, z);
-      } else {
-        launch_learnable_backward<scalar_t, uint64_t>(in, g, out, n, p, params, s, z);
-      }
-    });
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, x.scalar_type(), "fake_quantize_learnable_backward_cuda", [&] {
+          const scalar_t* in = x.const_data_ptr<scalar_t>();
+          const scalar_t* g = dy.const_data_ptr<scalar_t>();
+          scalar_t* out = dx.mutable_data_ptr<scalar_t>();
+          double* s = dscale.mutable_data_ptr<double>();
+          double* z = dzp.mutable_data_ptr<double>();
+          if (use_32bit_index(n)) {
+            launch_learnable_backward<scalar_t, uint32_t>(in, g, out, n, p, params, s, z);
+          } else {
+            launch_learnable_backward<scalar_t, uint64_t>(in, g, out, n, p, params, s, z);
+          }
+        });
   }
   dscale.mul_(grad_factor);
   dzp.mul_(grad_factor);
-  const auto zp_dtype = at::isFloatingType(zero_point.scalar_type()) ? zero_point.scalar_type()
-                                                                      : scale.scalar_type();
+  const auto zp_dtype =
+      at::isFloatingType(zero_point.scalar_type()) ? zero_point.scalar_type() : scale.scalar_type();
   return {dx, dscale.to(scale.scalar_type()).reshape(scale.sizes()),
           dzp.to(zp_dtype).reshape(zero_point.sizes())};
 }

@@ -70,9 +70,12 @@ at::Tensor quantize_cuda(const at::Tensor& input, const at::Tensor& scale,
       using out_t = std::remove_pointer_t<decltype(out)>;
       launch_affine_map(in, out, x.numel(), QuantizeOp<in_t, out_t>{qmin, qmax, flag}, p, params);
     };
-    if (out_type == at::kByte) run(q.mutable_data_ptr<uint8_t>());
-    else if (out_type == at::kChar) run(q.mutable_data_ptr<int8_t>());
-    else run(q.mutable_data_ptr<int32_t>());
+    if (out_type == at::kByte)
+      run(q.mutable_data_ptr<uint8_t>());
+    else if (out_type == at::kChar)
+      run(q.mutable_data_ptr<int8_t>());
+    else
+      run(q.mutable_data_ptr<int32_t>());
   });
   TORCH_CHECK_VALUE(nan_flag.item<int>() == 0, op,
                     ": input contains NaN, which has no integer representation");
@@ -103,9 +106,12 @@ at::Tensor dequantize_cuda(const at::Tensor& input, const at::Tensor& scale,
       using in_t = std::remove_const_t<std::remove_pointer_t<decltype(in)>>;
       launch_affine_map(in, out, q.numel(), DequantizeOp<in_t, out_t>{}, p, params);
     };
-    if (q.scalar_type() == at::kByte) run(q.const_data_ptr<uint8_t>());
-    else if (q.scalar_type() == at::kChar) run(q.const_data_ptr<int8_t>());
-    else run(q.const_data_ptr<int32_t>());
+    if (q.scalar_type() == at::kByte)
+      run(q.const_data_ptr<uint8_t>());
+    else if (q.scalar_type() == at::kChar)
+      run(q.const_data_ptr<int8_t>());
+    else
+      run(q.const_data_ptr<int32_t>());
   });
   return x;
 }
