@@ -15,7 +15,7 @@ from typing import Optional
 import pytest
 import torch
 
-import qext
+import qext  # noqa: F401  (registers torch.ops.qext, queried by cuda_usable)
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -29,7 +29,7 @@ def cuda_usable() -> bool:
 def _cuda_skip_reason() -> str:
     if not torch.cuda.is_available():
         return "no CUDA device"
-    return "qext has no CUDA kernel registered for qext::fake_quantize (see test_cuda_kernels_registered)"
+    return "qext has no CUDA kernel registered for qext::fake_quantize (see test_with_cuda_means_cuda_kernels_registered)"
 
 
 DEVICES = [
@@ -238,12 +238,12 @@ def lsq_surrogate(
 ) -> torch.Tensor:
     """Differentiable float64 LSQ / LSQ+ reference with explicit straight-through surrogates.
 
-    Forward value equals fake_quantize_learnable (levels are computed exactly as the kernel does,
-    from float32 1/scale); autograd then gives
+    Forward value equals fake_quantize_learnable up to float64 rounding (levels and the in-range
+    decision are the kernel's own, from float32 1 / scale); autograd then gives
       dx = g in range, 0 outside
       dscale = grad_factor * sum(g * (x_fq - x) / s in range, g * (q_bound - zp) outside)
       dzp = grad_factor * sum(-g * s outside).
-    Arguments may require grad; x may be any float dtype (promoted to float64).
+    Arguments may require grad; x may be any float dtype (promoted to float64). Finite x only.
     """
     axis = normalise_axis(axis, x.dim())
     xd = x.double()
@@ -255,17 +255,24 @@ def lsq_surrogate(
     # Rounded / clamped zero point with an identity (straight-through) gradient.
     z = zp + (torch.clamp(torch.round(zp), qmin, qmax) - zp).detach()
     # The exact level of the kernel (float32 arithmetic for non-float64 inputs).
-    exact = ref_fake_quantize(
+    ref = ref_fake_quantize(
         x.detach(), scale.detach().float(), resolve_zero_point(zero_point.detach(), qmin, qmax), qmin, qmax, axis
-    ).level.double()
-    cont = xd / s + z
-    level = cont + (exact - cont).detach()
-    clamped = torch.clamp(level, qmin, qmax)
-    return (clamped - z) * s
+    )
+    level = ref.level.double()  # the kernel's exact level (float32 arithmetic for non-float64 x)
+    # In range: y = (level - z) * s written as x + (round(x / s) - x / s) * s with the bracket
+    # detached, so dy/dx = 1, dy/ds = round(x / s) - x / s = (x_fq - x) / s and dy/dz = 0.
+    frac = (level - z - xd / s).detach()
+    y_in = xd + frac * s
+    # Outside: y = (q_bound - z) * s, so dy/dx = 0, dy/ds = q_bound - z and dy/dz = -s.
+    bound = torch.where(level < qmin, torch.full_like(level, qmin), torch.full_like(level, qmax))
+    y_out = (bound - z) * s
+    return torch.where(ref.in_range, y_in, y_out)
 
 
 def lsq_grad_formula(x, g, scale, zero_point, qmin, qmax, grad_factor=1.0, axis=None):
-    """The LSQ / LSQ+ gradient formulas evaluated elementwise in float64, then reduced.
+    """The LSQ / LSQ+ gradient formulas evaluated elementwise in float64, then reduced. Like the
+    kernels (and torch's), the in-range scale term is (x_fq - x) * (1 / scale) with 1 / scale
+    computed in float32.
 
     Returns (dx, dscale, dzp, mag_scale, mag_zp): the mags are sum(|term|) per parameter entry (plus,
     for the scale, 0.1 * sum(|g * level|), which bounds the rounding of x_fq - x in float32 with a
@@ -278,11 +285,12 @@ def lsq_grad_formula(x, g, scale, zero_point, qmin, qmax, grad_factor=1.0, axis=
     s = param_view(scale.float().double(), x, axis)
     z = param_view(zr, x, axis)
     gd = g.double()
+    inv = param_view(1.0 / scale.float(), x, axis).double()  # the kernels' float32 1 / scale
     x_fq = (level - z) * s
     bound = torch.where(level < qmin, torch.full_like(level, qmin), torch.full_like(level, qmax))
     finite = ~torch.isnan(level)
     zero = torch.zeros_like(gd)
-    dscale_el = torch.where(inside, gd * (x_fq - x.double()) / s, torch.where(finite, gd * (bound - z), zero))
+    dscale_el = torch.where(inside, gd * (x_fq - x.double()) * inv, torch.where(finite, gd * (bound - z), zero))
     dzp_el = torch.where(inside | ~finite, zero, -gd * s.expand_as(gd))
     dx = torch.where(inside, g, torch.zeros_like(g))
     mag_s_el = dscale_el.abs() + 0.1 * (gd * (level - z)).abs().nan_to_num(0)

@@ -43,30 +43,37 @@ def run_torch(x, scale, zp, qmin, qmax, axis, grad=None):
     return y.detach(), dx
 
 
-def check_against_torch(x, scale, zp, qmin, qmax, axis, device, dtype_ref_only=False, what=""):
+def check_against_torch(x, scale, zp, qmin, qmax, axis, device, what=""):
+    """qext on `device` vs the plain-torch reference and torch's own op: bit-exact values and
+    straight-through gradients, same shape and dtype."""
     g = torch.randn(x.shape, dtype=torch.float64).to(x.dtype)
     y, dx = run_qext(x, scale, zp, qmin, qmax, axis, device, grad=g)
     assert y.shape == x.shape and y.dtype == x.dtype, what
     ref = ref_fake_quantize(x, scale, zp, qmin, qmax, axis)
     assert torch.equal(y, ref.y), f"{what}: differs from the reference at {(y != ref.y).nonzero()[:5].tolist()}"
     assert torch.equal(dx, torch.where(ref.in_range, g, torch.zeros_like(g))), what
-    if not dtype_ref_only:
-        yt, dxt = run_torch(x, scale, zp, qmin, qmax, axis, grad=g)
-        bad = y != yt
-        assert not bad.any(), (
-            f"{what}: forward differs from torch at {bad.nonzero()[:5].tolist()}: "
-            f"x={x[bad][:5].tolist()} qext={y[bad][:5].tolist()} torch={yt[bad][:5].tolist()}"
-        )
-        assert torch.equal(dx, dxt), f"{what}: gradient differs from torch"
+    yt, dxt = run_torch(x, scale, zp, qmin, qmax, axis, grad=g)
+    bad = y != yt
+    assert not bad.any(), (
+        f"{what}: forward differs from torch at {bad.nonzero()[:5].tolist()}: "
+        f"x={x[bad][:5].tolist()} qext={y[bad][:5].tolist()} torch={yt[bad][:5].tolist()}"
+    )
+    assert torch.equal(dx, dxt), f"{what}: gradient differs from torch"
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("seed", range(60))
+@pytest.mark.parametrize("seed", range(150))
 def test_random_cases_match_torch(seed, device):
+    """Random rank (0..5, with empty and size-1 dims), bit width (2..16), signedness, symmetric or
+    affine, per-tensor or per-channel along a random (possibly negative) axis, and memory layout."""
     case = random_case(seed)
     gen = torch.Generator().manual_seed(1000 + seed)
     x = random_input(gen, case.shape, case.scale, case.zero_point, case.qmin, case.qmax, normalise_axis(case.axis, len(case.shape)))
-    check_against_torch(x, case.scale, case.zero_point, case.qmin, case.qmax, case.axis, device, what=repr(case))
+    layouts = ["contiguous", "transposed", "sliced", "offset"] + (["channels_last"] if x.dim() == 4 else [])
+    layout = layouts[seed % len(layouts)]
+    x = make_layout(x, layout)
+    check_against_torch(x, case.scale, case.zero_point, case.qmin, case.qmax, case.axis, device,
+                        what=f"{case} layout={layout}")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -167,7 +174,10 @@ def test_channels_last_output(axis, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("shape,axis", [([3, 70001], None), ([3, 70001], 0), ([40000, 5], 1), ([5, 300, 67], 1)])
+@pytest.mark.parametrize(
+    "shape,axis",
+    [([3, 70001], None), ([3, 70001], 0), ([40000, 5], 1), ([5, 300, 67], 1), ([3001, 37], 1), ([1, 7, 4, 77], -1)],
+)
 def test_large_tensors_threads_and_vector_tails(shape, axis, device):
     """Big enough to be split over threads (chunks of 32768) with odd lengths for SIMD tails."""
     gen = torch.Generator().manual_seed(11)
@@ -293,3 +303,16 @@ def test_scale_not_representable_in_float32(device):
     y = qext.fake_quantize(x, torch.tensor([0.1], dtype=torch.float64, device=device),
                            torch.tensor([1], device=device), -10, 10)
     assert torch.equal(y.cpu(), torch.fake_quantize_per_tensor_affine(x.cpu(), 0.1, 1, -10, 10))
+
+
+def test_with_cuda_means_cuda_kernels_registered():
+    """A build that reports CUDA support registers CUDA kernels for every op (the CUDA tests
+    are skipped, not failed, when they are missing, so this is the test that notices)."""
+    if not qext.with_cuda():
+        pytest.skip("qext built without CUDA")
+    missing = [
+        op for op in ("fake_quantize", "_fake_quantize_with_mask", "_fake_quantize_mask_backward",
+                      "fake_quantize_learnable", "_fake_quantize_learnable_backward", "quantize", "dequantize")
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"qext::{op}", "CUDA")
+    ]
+    assert not missing, f"no CUDA kernel for {missing}"

@@ -120,7 +120,7 @@ QuantParams resolve_quant_params(const at::Tensor& dense_input, const at::Tensor
   for (size_t c = 0; c < n; ++c) {
     const float s = static_cast<float>(scales[c]);
     const float inv = 1.0f / s;
-    TORCH_CHECK_VALUE(std::isfinite(scales[c]) && s > 0.0f && std::isfinite(inv), op,
+    TORCH_CHECK_VALUE(std::isfinite(s) && s > 0.0f && std::isfinite(inv), op,
                       ": scale must be finite and positive (and representable in float32 with a "
                       "finite reciprocal), got ",
                       scales[c], n > 1 ? " for channel " : "", n > 1 ? std::to_string(c) : "");
@@ -134,10 +134,10 @@ QuantParams resolve_quant_params(const at::Tensor& dense_input, const at::Tensor
       z = std::min(std::max(std::nearbyint(z), static_cast<double>(quant_min)),
                    static_cast<double>(quant_max));
     }
-    TORCH_CHECK_VALUE(z >= quant_min && z <= quant_max, op,
-                      ": zero_point must lie in [quant_min, "
-                      "quant_max] = [",
-                      quant_min, ", ", quant_max, "], got ", z, n > 1 ? " for channel " : "",
+    TORCH_CHECK_VALUE(z >= quant_min && z <= quant_max, op, ": zero_point must lie in ",
+                      kind == ZeroPointKind::kStorage ? "the range of the input's integer dtype "
+                                                      : "[quant_min, quant_max] = ",
+                      "[", quant_min, ", ", quant_max, "], got ", z, n > 1 ? " for channel " : "",
                       n > 1 ? std::to_string(c) : "");
     p.zero_point[c] = static_cast<float>(z);
   }
