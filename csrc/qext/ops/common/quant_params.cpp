@@ -1,6 +1,7 @@
 #include "qext/ops/common/quant_params.h"
 
 #include <ATen/ops/empty_strided.h>
+#include <ATen/ops/mul.h>
 #include <c10/util/Exception.h>
 
 #include <cmath>
@@ -177,6 +178,37 @@ at::ScalarType quantized_storage_type(int64_t quant_min, int64_t quant_max,
   if (quant_min >= 0 && quant_max <= 255) return at::kByte;
   if (quant_min >= -128 && quant_max <= 127) return at::kChar;
   return at::kInt;
+}
+
+DequantizeArgs resolve_dequantize_args(const at::Tensor& input, const at::Tensor& scale,
+                                       const at::Tensor& zero_point, std::optional<int64_t> axis,
+                                       std::optional<at::ScalarType> dtype) {
+  constexpr const char* op = "dequantize";
+  TORCH_CHECK(input.defined(), op, ": input is an undefined tensor");
+  const auto [lo, hi] = storage_range(input.scalar_type(), op);
+  const at::ScalarType out_type = dtype.value_or(at::kFloat);
+  TORCH_CHECK(is_real_floating(out_type), op, ": dtype must be a floating-point type, got ",
+              out_type);
+  at::Tensor q = as_dense(input);
+  QuantParams params =
+      resolve_quant_params(q, scale, zero_point, lo, hi, axis, ZeroPointKind::kStorage, op);
+  return {std::move(q), std::move(params), out_type};
+}
+
+at::ScalarType zero_point_grad_dtype(const at::Tensor& zero_point, const at::Tensor& scale) {
+  return at::isFloatingType(zero_point.scalar_type()) ? zero_point.scalar_type()
+                                                      : scale.scalar_type();
+}
+
+std::tuple<at::Tensor, at::Tensor> learnable_param_grads(const at::Tensor& dscale_sums,
+                                                         const at::Tensor& dzp_sums,
+                                                         const at::Tensor& scale,
+                                                         const at::Tensor& zero_point,
+                                                         double grad_factor) {
+  return {at::mul(dscale_sums, grad_factor).to(scale.scalar_type()).reshape(scale.sizes()),
+          at::mul(dzp_sums, grad_factor)
+              .to(zero_point_grad_dtype(zero_point, scale))
+              .reshape(zero_point.sizes())};
 }
 
 int64_t packed_mask_bytes(int64_t numel) { return (numel + 31) / 32 * 4; }

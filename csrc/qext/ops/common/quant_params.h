@@ -4,9 +4,11 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
 
 #include <cstdint>
 #include <optional>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -70,6 +72,17 @@ at::Tensor as_dense(const at::Tensor& input);
 // elementwise backward can walk grad's memory in step with what the forward saved.
 at::Tensor align_to_layout(const at::Tensor& grad, at::IntArrayRef sizes, at::IntArrayRef strides);
 
+// dequantize's inputs, checked: the dense integer tensor, its parameters and the output dtype
+// (float32 unless `dtype` names another floating type).
+struct DequantizeArgs {
+  at::Tensor q;
+  QuantParams params;
+  at::ScalarType out_type;
+};
+DequantizeArgs resolve_dequantize_args(const at::Tensor& input, const at::Tensor& scale,
+                                       const at::Tensor& zero_point, std::optional<int64_t> axis,
+                                       std::optional<at::ScalarType> dtype);
+
 // The integer dtype quantize stores into: `requested` if given (it must be int8, uint8 or int32 and
 // hold [quant_min, quant_max]), else the smallest of uint8, int8, int32 that holds the range.
 at::ScalarType quantized_storage_type(int64_t quant_min, int64_t quant_max,
@@ -78,6 +91,35 @@ at::ScalarType quantized_storage_type(int64_t quant_min, int64_t quant_max,
 // [min, max] of the values an integer storage dtype may hold (int32: the 17-bit span of
 // check_quant_range). Errors for any dtype other than int8, uint8, int32.
 std::pair<int64_t, int64_t> storage_range(at::ScalarType dtype, const char* op);
+
+// Calls f(T{}) with T the C++ type of an integer storage dtype: uint8_t, int8_t or int32_t.
+template <typename F>
+void visit_storage_type(at::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case at::kByte:
+      f(uint8_t{});
+      break;
+    case at::kChar:
+      f(int8_t{});
+      break;
+    case at::kInt:
+      f(int32_t{});
+      break;
+    default:
+      TORCH_CHECK(false, "integer storage must be int8, uint8 or int32, got ", dtype);
+  }
+}
+
+// The gradient of a learnable zero point has its dtype when it is floating, else scale's.
+at::ScalarType zero_point_grad_dtype(const at::Tensor& zero_point, const at::Tensor& scale);
+
+// Turns per-channel double sums of the dscale / dzero_point terms into the gradients the
+// learnable backward returns: times grad_factor, in the dtypes and shapes of scale and zero_point.
+std::tuple<at::Tensor, at::Tensor> learnable_param_grads(const at::Tensor& dscale_sums,
+                                                         const at::Tensor& dzp_sums,
+                                                         const at::Tensor& scale,
+                                                         const at::Tensor& zero_point,
+                                                         double grad_factor);
 
 // Number of bytes of a bit-packed mask for n elements: one bit per element, padded to 32 bits so
 // CUDA kernels can write whole words (byte-wise little-endian order: bit i is byte i/8, bit i%8).

@@ -139,16 +139,24 @@ void fake_quantize_into(const at::Tensor& x, at::Tensor& y, uint8_t* mask, const
   });
 }
 
-at::Tensor fake_quantize_cpu(const at::Tensor& input, const at::Tensor& scale,
-                             const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max,
-                             std::optional<int64_t> axis) {
+// Forward of fake_quantize (integer zero point) and fake_quantize_learnable (real zero point).
+at::Tensor fake_quantize_forward(const at::Tensor& input, const at::Tensor& scale,
+                                 const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max,
+                                 std::optional<int64_t> axis, detail::ZeroPointKind kind,
+                                 const char* op) {
   const at::Tensor x = detail::as_dense(input);
   const QuantParams p =
-      detail::resolve_quant_params(x, scale, zero_point, quant_min, quant_max, axis,
-                                   detail::ZeroPointKind::kInteger, "fake_quantize");
+      detail::resolve_quant_params(x, scale, zero_point, quant_min, quant_max, axis, kind, op);
   at::Tensor y = at::empty_like(x);
   fake_quantize_into(x, y, nullptr, p);
   return y;
+}
+
+at::Tensor fake_quantize_cpu(const at::Tensor& input, const at::Tensor& scale,
+                             const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max,
+                             std::optional<int64_t> axis) {
+  return fake_quantize_forward(input, scale, zero_point, quant_min, quant_max, axis,
+                               detail::ZeroPointKind::kInteger, "fake_quantize");
 }
 
 std::tuple<at::Tensor, at::Tensor> fake_quantize_with_mask_cpu(const at::Tensor& input,
@@ -193,13 +201,8 @@ at::Tensor fake_quantize_learnable_cpu(const at::Tensor& input, const at::Tensor
                                        const at::Tensor& zero_point, int64_t quant_min,
                                        int64_t quant_max, double grad_factor,
                                        std::optional<int64_t> axis) {
-  const at::Tensor x = detail::as_dense(input);
-  const QuantParams p =
-      detail::resolve_quant_params(x, scale, zero_point, quant_min, quant_max, axis,
-                                   detail::ZeroPointKind::kLearnable, "fake_quantize_learnable");
-  at::Tensor y = at::empty_like(x);
-  fake_quantize_into(x, y, nullptr, p);
-  return y;
+  return fake_quantize_forward(input, scale, zero_point, quant_min, quant_max, axis,
+                               detail::ZeroPointKind::kLearnable, "fake_quantize_learnable");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_learnable_backward_cpu(
@@ -249,13 +252,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_learnable_backward_
       s += dscale_parts[t * channels + c];
       z += dzp_parts[t * channels + c];
     }
-    dscale_out[c] = s * grad_factor;
-    dzp_out[c] = z * grad_factor;
+    dscale_out[c] = s;
+    dzp_out[c] = z;
   }
-  const auto zp_dtype =
-      at::isFloatingType(zero_point.scalar_type()) ? zero_point.scalar_type() : scale.scalar_type();
-  return {dx, dscale.to(scale.scalar_type()).reshape(scale.sizes()),
-          dzp.to(zp_dtype).reshape(zero_point.sizes())};
+  auto [dscale_grad, dzp_grad] =
+      detail::learnable_param_grads(dscale, dzp, scale, zero_point, grad_factor);
+  return {dx, dscale_grad, dzp_grad};
 }
 
 }  // namespace

@@ -48,8 +48,9 @@ at::Tensor quantize_cpu(const at::Tensor& input, const at::Tensor& scale,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "quantize", [&] {
     using in_t = scalar_t;
     const in_t* in = x.const_data_ptr<in_t>();
-    auto run = [&](auto* out) {
-      using out_t = std::remove_pointer_t<decltype(out)>;
+    detail::visit_storage_type(out_type, [&](auto storage) {
+      using out_t = decltype(storage);
+      out_t* out = q.mutable_data_ptr<out_t>();
       at::parallel_for(0, x.numel(), kGrain, [&](int64_t begin, int64_t end) {
         for_each_channel_run(p, begin, end, [&](int64_t b, int64_t e, int64_t c) {
           const kernels::AffineQuantizer qz{p.scale[c], p.inv_scale[c], p.zero_point[c],
@@ -67,13 +68,7 @@ at::Tensor quantize_cpu(const at::Tensor& input, const at::Tensor& scale,
           }
         });
       });
-    };
-    if (out_type == at::kByte)
-      run(q.mutable_data_ptr<uint8_t>());
-    else if (out_type == at::kChar)
-      run(q.mutable_data_ptr<int8_t>());
-    else
-      run(q.mutable_data_ptr<int32_t>());
+    });
   });
   TORCH_CHECK_VALUE(!saw_nan, op, ": input contains NaN, which has no integer representation");
   return q;
@@ -82,21 +77,20 @@ at::Tensor quantize_cpu(const at::Tensor& input, const at::Tensor& scale,
 at::Tensor dequantize_cpu(const at::Tensor& input, const at::Tensor& scale,
                           const at::Tensor& zero_point, std::optional<int64_t> axis,
                           std::optional<at::ScalarType> dtype) {
-  constexpr const char* op = "dequantize";
-  TORCH_CHECK(input.defined(), op, ": input is an undefined tensor");
-  const auto [lo, hi] = detail::storage_range(input.scalar_type(), op);
-  const at::ScalarType out_type = dtype.value_or(at::kFloat);
-  TORCH_CHECK(at::isFloatingType(out_type), op, ": dtype must be a floating-point type, got ",
-              out_type);
-  const at::Tensor q = detail::as_dense(input);
-  const QuantParams p = detail::resolve_quant_params(q, scale, zero_point, lo, hi, axis,
-                                                     detail::ZeroPointKind::kStorage, op);
+  // Named references, not structured bindings: C++17 lambdas cannot capture those.
+  const detail::DequantizeArgs args =
+      detail::resolve_dequantize_args(input, scale, zero_point, axis, dtype);
+  const at::Tensor& q = args.q;
+  const QuantParams& p = args.params;
+  const at::ScalarType out_type = args.out_type;
   at::Tensor x = at::empty_like(q, q.options().dtype(out_type));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_type, "dequantize", [&] {
     using out_t = scalar_t;
     using acc = kernels::acc_t<out_t>;
     out_t* out = x.mutable_data_ptr<out_t>();
-    auto run = [&](const auto* in) {
+    detail::visit_storage_type(q.scalar_type(), [&](auto storage) {
+      using in_t = decltype(storage);
+      const in_t* in = q.const_data_ptr<in_t>();
       at::parallel_for(0, q.numel(), kGrain, [&](int64_t begin, int64_t end) {
         for_each_channel_run(p, begin, end, [&](int64_t b, int64_t e, int64_t c) {
           const acc zp = p.zero_point[c], s = p.scale[c];
@@ -104,13 +98,7 @@ at::Tensor dequantize_cpu(const at::Tensor& input, const at::Tensor& scale,
             out[i] = static_cast<out_t>((static_cast<acc>(in[i]) - zp) * s);
         });
       });
-    };
-    if (q.scalar_type() == at::kByte)
-      run(q.const_data_ptr<uint8_t>());
-    else if (q.scalar_type() == at::kChar)
-      run(q.const_data_ptr<int8_t>());
-    else
-      run(q.const_data_ptr<int32_t>());
+    });
   });
   return x;
 }

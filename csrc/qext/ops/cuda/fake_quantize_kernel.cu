@@ -52,17 +52,25 @@ void fake_quantize_into(const at::Tensor& x, at::Tensor& y, uint8_t* mask, int64
       });
 }
 
-at::Tensor fake_quantize_cuda(const at::Tensor& input, const at::Tensor& scale,
-                              const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max,
-                              std::optional<int64_t> axis) {
+// Forward of fake_quantize (integer zero point) and fake_quantize_learnable (real zero point).
+at::Tensor fake_quantize_forward(const at::Tensor& input, const at::Tensor& scale,
+                                 const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max,
+                                 std::optional<int64_t> axis, detail::ZeroPointKind kind,
+                                 const char* op) {
   const c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor x = detail::as_dense(input);
   const QuantParams p =
-      detail::resolve_quant_params(x, scale, zero_point, quant_min, quant_max, axis,
-                                   detail::ZeroPointKind::kInteger, "fake_quantize");
+      detail::resolve_quant_params(x, scale, zero_point, quant_min, quant_max, axis, kind, op);
   at::Tensor y = at::empty_like(x);
   fake_quantize_into(x, y, nullptr, 0, p);
   return y;
+}
+
+at::Tensor fake_quantize_cuda(const at::Tensor& input, const at::Tensor& scale,
+                              const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max,
+                              std::optional<int64_t> axis) {
+  return fake_quantize_forward(input, scale, zero_point, quant_min, quant_max, axis,
+                               detail::ZeroPointKind::kInteger, "fake_quantize");
 }
 
 std::tuple<at::Tensor, at::Tensor> fake_quantize_with_mask_cuda(
@@ -154,14 +162,8 @@ at::Tensor fake_quantize_learnable_cuda(const at::Tensor& input, const at::Tenso
                                         const at::Tensor& zero_point, int64_t quant_min,
                                         int64_t quant_max, double grad_factor,
                                         std::optional<int64_t> axis) {
-  const c10::cuda::CUDAGuard guard(input.device());
-  const at::Tensor x = detail::as_dense(input);
-  const QuantParams p =
-      detail::resolve_quant_params(x, scale, zero_point, quant_min, quant_max, axis,
-                                   detail::ZeroPointKind::kLearnable, "fake_quantize_learnable");
-  at::Tensor y = at::empty_like(x);
-  fake_quantize_into(x, y, nullptr, 0, p);
-  return y;
+  return fake_quantize_forward(input, scale, zero_point, quant_min, quant_max, axis,
+                               detail::ZeroPointKind::kLearnable, "fake_quantize_learnable");
 }
 
 // Per-element gradient terms before grad_factor, as learnable_grad_value in fake_quantize_ref.h:
@@ -437,12 +439,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_learnable_backward_
           }
         });
   }
-  dscale.mul_(grad_factor);
-  dzp.mul_(grad_factor);
-  const auto zp_dtype =
-      at::isFloatingType(zero_point.scalar_type()) ? zero_point.scalar_type() : scale.scalar_type();
-  return {dx, dscale.to(scale.scalar_type()).reshape(scale.sizes()),
-          dzp.to(zp_dtype).reshape(zero_point.sizes())};
+  auto [dscale_grad, dzp_grad] =
+      detail::learnable_param_grads(dscale, dzp, scale, zero_point, grad_factor);
+  return {dx, dscale_grad, dzp_grad};
 }
 
 }  // namespace

@@ -66,16 +66,11 @@ at::Tensor quantize_cuda(const at::Tensor& input, const at::Tensor& scale,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "quantize_cuda", [&] {
     using in_t = scalar_t;
     const in_t* in = x.const_data_ptr<in_t>();
-    auto run = [&](auto* out) {
-      using out_t = std::remove_pointer_t<decltype(out)>;
+    detail::visit_storage_type(out_type, [&](auto storage) {
+      using out_t = decltype(storage);
+      out_t* out = q.mutable_data_ptr<out_t>();
       launch_affine_map(in, out, x.numel(), QuantizeOp<in_t, out_t>{qmin, qmax, flag}, p, params);
-    };
-    if (out_type == at::kByte)
-      run(q.mutable_data_ptr<uint8_t>());
-    else if (out_type == at::kChar)
-      run(q.mutable_data_ptr<int8_t>());
-    else
-      run(q.mutable_data_ptr<int32_t>());
+    });
   });
   TORCH_CHECK_VALUE(nan_flag.item<int>() == 0, op,
                     ": input contains NaN, which has no integer representation");
@@ -85,16 +80,13 @@ at::Tensor quantize_cuda(const at::Tensor& input, const at::Tensor& scale,
 at::Tensor dequantize_cuda(const at::Tensor& input, const at::Tensor& scale,
                            const at::Tensor& zero_point, std::optional<int64_t> axis,
                            std::optional<at::ScalarType> dtype) {
-  constexpr const char* op = "dequantize";
-  TORCH_CHECK(input.defined(), op, ": input is an undefined tensor");
-  const auto [lo, hi] = detail::storage_range(input.scalar_type(), op);
-  const at::ScalarType out_type = dtype.value_or(at::kFloat);
-  TORCH_CHECK(at::isFloatingType(out_type), op, ": dtype must be a floating-point type, got ",
-              out_type);
   const c10::cuda::CUDAGuard guard(input.device());
-  const at::Tensor q = detail::as_dense(input);
-  const QuantParams p = detail::resolve_quant_params(q, scale, zero_point, lo, hi, axis,
-                                                     detail::ZeroPointKind::kStorage, op);
+  // Named references, not structured bindings: C++17 lambdas cannot capture those.
+  const detail::DequantizeArgs args =
+      detail::resolve_dequantize_args(input, scale, zero_point, axis, dtype);
+  const at::Tensor& q = args.q;
+  const QuantParams& p = args.params;
+  const at::ScalarType out_type = args.out_type;
   at::Tensor x = at::empty_like(q, q.options().dtype(out_type));
   if (q.numel() == 0) return x;
 
@@ -102,16 +94,11 @@ at::Tensor dequantize_cuda(const at::Tensor& input, const at::Tensor& scale,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_type, "dequantize_cuda", [&] {
     using out_t = scalar_t;
     out_t* out = x.mutable_data_ptr<out_t>();
-    auto run = [&](const auto* in) {
-      using in_t = std::remove_const_t<std::remove_pointer_t<decltype(in)>>;
+    detail::visit_storage_type(q.scalar_type(), [&](auto storage) {
+      using in_t = decltype(storage);
+      const in_t* in = q.const_data_ptr<in_t>();
       launch_affine_map(in, out, q.numel(), DequantizeOp<in_t, out_t>{}, p, params);
-    };
-    if (q.scalar_type() == at::kByte)
-      run(q.const_data_ptr<uint8_t>());
-    else if (q.scalar_type() == at::kChar)
-      run(q.const_data_ptr<int8_t>());
-    else
-      run(q.const_data_ptr<int32_t>());
+    });
   });
   return x;
 }

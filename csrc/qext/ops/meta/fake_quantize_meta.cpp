@@ -47,8 +47,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_learnable_backward_
     const at::Tensor& grad, const at::Tensor& input, const at::Tensor& scale,
     const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max, double grad_factor,
     std::optional<int64_t> axis) {
-  const auto zp_dtype =
-      at::isFloatingType(zero_point.scalar_type()) ? zero_point.scalar_type() : scale.scalar_type();
+  const auto zp_dtype = detail::zero_point_grad_dtype(zero_point, scale);
   return {at::empty_like(detail::as_dense(input)), at::empty_like(scale),
           at::empty_like(zero_point, zero_point.options().dtype(zp_dtype))};
 }
