@@ -173,7 +173,7 @@ TEST_F(Avx2Kernels, MaskedGradMatchesReference) {
 TEST_F(Avx2Kernels, LearnableGradMatchesReference) {
   std::mt19937 rng(2);
   for (int64_t step : {0, 1}) {
-    for (int64_t n : {1, 8, 13, 777}) {
+    for (int64_t n : {1, 8, 13, 777, 5000}) {
       const Channels ch = make_channels(step ? n : 1, -8, 7, rng);
       const std::vector<float> x = make_input(n, ch.scale[0], rng);
       std::normal_distribution<float> grad_dist(0.0f, 1.0f);
@@ -189,14 +189,17 @@ TEST_F(Avx2Kernels, LearnableGradMatchesReference) {
       learnable_grad_row_avx2(x.data(), dy.data(), dx_avx.data(), n, ch.row(0, step), ds_avx.data(),
                               dz_avx.data(), n % 2 ? Store::kStreaming : Store::kCached);
       for (int64_t i = 0; i < n; ++i) ASSERT_TRUE(same_bits(dx_ref[i], dx_avx[i])) << "i=" << i;
+      // The sums differ by float rounding of partial sums (see fake_quantize_avx2.h): compare
+      // relative to the sum of the magnitudes of the terms.
+      std::vector<double> ds_mag(sums, 0.0), dz_mag(sums, 0.0);
+      for (int64_t i = 0; i < n; ++i) {
+        const auto g = learnable_grad_value(x[i], dy[i], ch.row(0, step).at(i));
+        ds_mag[i * step] += std::abs(g.dscale);
+        dz_mag[i * step] += std::abs(g.dzero_point);
+      }
       for (size_t c = 0; c < sums; ++c) {
-        if (std::isnan(ds_ref[c])) {
-          EXPECT_TRUE(std::isnan(ds_avx[c]));
-          continue;
-        }
-        // Per-element terms are bit-identical; only the order of the double sums differs.
-        EXPECT_NEAR(ds_ref[c], ds_avx[c], 1e-9 * (1.0 + std::abs(ds_ref[c]))) << "c=" << c;
-        EXPECT_NEAR(dz_ref[c], dz_avx[c], 1e-9 * (1.0 + std::abs(dz_ref[c]))) << "c=" << c;
+        EXPECT_NEAR(ds_ref[c], ds_avx[c], 1e-6 * (1.0 + ds_mag[c])) << "c=" << c;
+        EXPECT_NEAR(dz_ref[c], dz_avx[c], 1e-6 * (1.0 + dz_mag[c])) << "c=" << c;
       }
     }
   }

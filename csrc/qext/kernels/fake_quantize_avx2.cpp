@@ -109,17 +109,65 @@ inline void add_to_sums(__m256 v, double* sums) {
                                            _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1))));
 }
 
-template <bool kPerElement, bool kStream>
-void learnable_grad_row(const float* x, const float* dy, float* dx, int64_t n,
-                        const QuantizerRow& row, double* dscale_sum, double* dzp_sum) {
+// Float accumulators are flushed to double every kFlushBlocks blocks of 8 elements: short float
+// partial sums keep the error at float rounding of a few hundred terms.
+constexpr int64_t kFlushBlocks = 64;
+
+// One quantizer for the whole row. The saturated terms have constant factors, so the row sums
+// need only the sums of dy below and above the range:
+//   sum dscale = inv_scale * sum_in dy * (x_fq - x) + (qmin - z) sum_below dy + (qmax - z)
+//   sum_above dy sum dzero_point = -scale * (sum_below dy + sum_above dy)
+template <bool kStream>
+void learnable_grad_row_uniform(const float* x, const float* dy, float* dx, int64_t n,
+                                const QuantizerRow& row, double* dscale_sum, double* dzp_sum) {
+  const __m256 lo = _mm256_set1_ps(row.quant_min), hi = _mm256_set1_ps(row.quant_max);
+  const Params8<false> p(row, 0);
+  __m256d in_acc[2] = {_mm256_setzero_pd(), _mm256_setzero_pd()};
+  __m256d below_acc[2] = {_mm256_setzero_pd(), _mm256_setzero_pd()};
+  __m256d above_acc[2] = {_mm256_setzero_pd(), _mm256_setzero_pd()};
+  int64_t i = 0;
+  while (i + 8 <= n) {
+    __m256 in_part = _mm256_setzero_ps(), below_part = in_part, above_part = in_part;
+    const int64_t block_end = std::min(n, i + 8 * kFlushBlocks);
+    for (; i + 8 <= block_end; i += 8) {
+      const __m256 xv = _mm256_loadu_ps(x + i), g = _mm256_loadu_ps(dy + i);
+      const __m256 level =
+          _mm256_add_ps(_mm256_round_ps(_mm256_mul_ps(xv, p.inv_scale), kRound), p.zero_point);
+      // NaN levels compare false with everything: no lane of any sum.
+      const __m256 below = _mm256_cmp_ps(level, lo, _CMP_LT_OQ);
+      const __m256 above = _mm256_cmp_ps(level, hi, _CMP_GT_OQ);
+      const __m256 in_range =
+          _mm256_and_ps(_mm256_cmp_ps(level, lo, _CMP_GE_OQ), _mm256_cmp_ps(level, hi, _CMP_LE_OQ));
+      const __m256 x_fq = _mm256_mul_ps(_mm256_sub_ps(level, p.zero_point), p.scale);
+      const __m256 g_in = _mm256_and_ps(g, in_range);
+      store8<kStream>(dx + i, g_in);
+      // Masked after the product: x_fq - x is NaN for NaN or infinite x.
+      in_part = _mm256_add_ps(in_part,
+                              _mm256_and_ps(in_range, _mm256_mul_ps(g, _mm256_sub_ps(x_fq, xv))));
+      below_part = _mm256_add_ps(below_part, _mm256_and_ps(g, below));
+      above_part = _mm256_add_ps(above_part, _mm256_and_ps(g, above));
+    }
+    add_widened(in_part, in_acc);
+    add_widened(below_part, below_acc);
+    add_widened(above_part, above_acc);
+  }
+  const double below = horizontal_sum(below_acc), above = horizontal_sum(above_acc);
+  const double zero_point = row.zero_point[0];
+  dscale_sum[0] += horizontal_sum(in_acc) * row.inv_scale[0] +
+                   (row.quant_min - zero_point) * below + (row.quant_max - zero_point) * above;
+  dzp_sum[0] += -static_cast<double>(row.scale[0]) * (below + above);
+  learnable_grad_row_ref(x + i, dy + i, dx + i, n - i, row, dscale_sum, dzp_sum);
+}
+
+// One quantizer per element (channels innermost): the terms go to per-channel sums.
+template <bool kStream>
+void learnable_grad_row_per_element(const float* x, const float* dy, float* dx, int64_t n,
+                                    const QuantizerRow& row, double* dscale_sum, double* dzp_sum) {
   const __m256 lo = _mm256_set1_ps(row.quant_min), hi = _mm256_set1_ps(row.quant_max);
   const __m256 sign = _mm256_set1_ps(-0.0f);
-  __m256d dscale_acc[2] = {_mm256_setzero_pd(), _mm256_setzero_pd()};
-  __m256d dzp_acc[2] = {_mm256_setzero_pd(), _mm256_setzero_pd()};
-  Params8<kPerElement> p(row, 0);
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
-    if constexpr (kPerElement) p = Params8<kPerElement>(row, i);
+    const Params8<true> p(row, i);
     const __m256 xv = _mm256_loadu_ps(x + i), g = _mm256_loadu_ps(dy + i);
     const __m256 level =
         _mm256_add_ps(_mm256_round_ps(_mm256_mul_ps(xv, p.inv_scale), kRound), p.zero_point);
@@ -136,23 +184,12 @@ void learnable_grad_row(const float* x, const float* dy, float* dx, int64_t n,
     const __m256 dzp_out = _mm256_mul_ps(_mm256_xor_ps(g, sign), p.scale);
 
     store8<kStream>(dx + i, _mm256_and_ps(g, in_range));
-    const __m256 dscale =
-        _mm256_or_ps(_mm256_and_ps(in_range, dscale_in), _mm256_and_ps(outside, dscale_out));
-    const __m256 dzp = _mm256_and_ps(outside, dzp_out);
-    if constexpr (kPerElement) {
-      add_to_sums(dscale, dscale_sum + i);
-      add_to_sums(dzp, dzp_sum + i);
-    } else {
-      add_widened(dscale, dscale_acc);
-      add_widened(dzp, dzp_acc);
-    }
+    add_to_sums(
+        _mm256_or_ps(_mm256_and_ps(in_range, dscale_in), _mm256_and_ps(outside, dscale_out)),
+        dscale_sum + i);
+    add_to_sums(_mm256_and_ps(outside, dzp_out), dzp_sum + i);
   }
-  if constexpr (!kPerElement) {
-    dscale_sum[0] += horizontal_sum(dscale_acc);
-    dzp_sum[0] += horizontal_sum(dzp_acc);
-  }
-  const int64_t k = i * row.step;
-  learnable_grad_row_ref(x + i, dy + i, dx + i, n - i, row.from(i), dscale_sum + k, dzp_sum + k);
+  learnable_grad_row_ref(x + i, dy + i, dx + i, n - i, row.from(i), dscale_sum + i, dzp_sum + i);
 }
 
 }  // namespace
@@ -190,9 +227,9 @@ void learnable_grad_row_avx2(const float* x, const float* dy, float* dx, int64_t
                              Store store) {
   with_store(store, dx, [&](auto stream) {
     if (row.step == 0) {
-      learnable_grad_row<false, stream.value>(x, dy, dx, n, row, dscale_sum, dzp_sum);
+      learnable_grad_row_uniform<stream.value>(x, dy, dx, n, row, dscale_sum, dzp_sum);
     } else {
-      learnable_grad_row<true, stream.value>(x, dy, dx, n, row, dscale_sum, dzp_sum);
+      learnable_grad_row_per_element<stream.value>(x, dy, dx, n, row, dscale_sum, dzp_sum);
     }
   });
 }

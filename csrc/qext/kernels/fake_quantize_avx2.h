@@ -1,7 +1,9 @@
 // AVX2 (+FMA) versions of the float32 fake-quantization row kernels in fake_quantize_ref.h.
-// Element results (y, mask bits, dx, per-element gradient terms) are bit-identical to the
-// reference; the dscale / dzero_point sums are accumulated in double in a different order, so
-// they agree with the reference to double rounding. Call only when cpu_has_avx2() is true.
+// Element results (y, mask bits, dx) are bit-identical to the reference. The dscale /
+// dzero_point sums are not: with one quantizer per row they are factored (constant factors of the
+// saturated terms pulled out of the sums) and summed in short float runs flushed to double, so they
+// agree with the reference to float rounding of a few hundred terms; with one quantizer per
+// element the terms are the reference's, summed in double. Call only when cpu_has_avx2() is true.
 #pragma once
 
 #include <cstdint>
