@@ -85,6 +85,15 @@ for line in open(sys.argv[1]):
 PY
 }
 
+# A venv starts with the pip bundled with Python (23.2 here), which installs editable projects through
+# the deprecated `setup.py develop`; setuptools 80 then re-runs pip *with* build isolation, where torch
+# is missing. pip >= 25 uses PEP 660 editable wheels directly, honouring --no-build-isolation.
+PIP_PIN=25.3
+if [[ "$("$VPY" -m pip --version | awk '{print $2}')" != "$PIP_PIN" ]]; then
+    say "installing pip==$PIP_PIN"
+    "${PIP[@]}" install "pip==$PIP_PIN"
+fi
+
 todo_text="$(unsatisfied_pins "$ROOT/requirements.txt")"
 todo=()
 [[ -n "$todo_text" ]] && mapfile -t todo <<<"$todo_text"
