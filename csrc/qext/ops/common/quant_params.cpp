@@ -47,6 +47,26 @@ void check_float_input(const at::Tensor& input, const char* op, const char* name
               input.scalar_type());
 }
 
+std::optional<int64_t> normalize_axis(const at::Tensor& input, std::optional<int64_t> axis,
+                                      const char* op) {
+  if (!axis.has_value()) return std::nullopt;
+  const int64_t dim = input.dim();
+  TORCH_CHECK_INDEX(*axis >= -dim && *axis < dim && dim > 0, op, ": axis ", *axis,
+                    " is out of range for an input with ", dim, " dimensions (shape ",
+                    input.sizes(), ")");
+  return *axis < 0 ? *axis + dim : *axis;
+}
+
+ChannelLayout channel_layout(const at::Tensor& dense_input, std::optional<int64_t> axis) {
+  ChannelLayout layout;
+  if (!axis.has_value() || dense_input.size(*axis) <= 1) return layout;
+  layout.channels = dense_input.size(*axis);
+  // In a dense tensor the stride of the channel axis is the size of everything faster than it.
+  layout.inner = std::max<int64_t>(dense_input.stride(*axis), 1);
+  layout.outer = dense_input.numel() / (layout.channels * layout.inner);
+  return layout;
+}
+
 std::optional<int64_t> check_quant_signature(const at::Tensor& input, const at::Tensor& scale,
                                              const at::Tensor& zero_point, int64_t quant_min,
                                              int64_t quant_max, std::optional<int64_t> axis,
@@ -79,14 +99,7 @@ std::optional<int64_t> check_quant_signature(const at::Tensor& input, const at::
                     ": zero_point must have the shape of scale ", scale.sizes(), ", got ",
                     zero_point.sizes());
 
-  std::optional<int64_t> normalised;
-  if (axis.has_value()) {
-    const int64_t dim = input.dim();
-    TORCH_CHECK_INDEX(*axis >= -dim && *axis < dim && dim > 0, op, ": axis ", *axis,
-                      " is out of range for an input with ", dim, " dimensions (shape ",
-                      input.sizes(), ")");
-    normalised = *axis < 0 ? *axis + dim : *axis;
-  }
+  const std::optional<int64_t> normalised = normalize_axis(input, axis, op);
   if (scale.numel() == 1) return std::nullopt;  // one scale: per-tensor, whatever the axis
   TORCH_CHECK_VALUE(normalised.has_value(), op, ": scale has ", scale.numel(),
                     " elements (per-channel) but no axis was given");
@@ -104,13 +117,7 @@ QuantParams resolve_quant_params(const at::Tensor& dense_input, const at::Tensor
   p.quant_max = quant_max;
   p.axis =
       check_quant_signature(dense_input, scale, zero_point, quant_min, quant_max, axis, kind, op);
-  if (p.axis.has_value()) {
-    const int64_t channels = dense_input.size(*p.axis);
-    p.layout.channels = channels;
-    // In a dense tensor the stride of the channel axis is the size of everything faster than it.
-    p.layout.inner = std::max<int64_t>(dense_input.stride(*p.axis), 1);
-    p.layout.outer = dense_input.numel() / (channels * p.layout.inner);
-  }
+  p.layout = channel_layout(dense_input, p.axis);
 
   const std::vector<double> scales = read_host(scale);
   const std::vector<double> zero_points = read_host(zero_point);

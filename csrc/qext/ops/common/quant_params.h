@@ -49,6 +49,13 @@ void check_quant_range(int64_t quant_min, int64_t quant_max, const char* op);
 // input is a real floating-point tensor.
 void check_float_input(const at::Tensor& input, const char* op, const char* name = "input");
 
+// axis normalised to [0, input.dim()), or an IndexError naming it; empty stays empty.
+std::optional<int64_t> normalize_axis(const at::Tensor& input, std::optional<int64_t> axis,
+                                      const char* op);
+
+// The channel structure of dense_input along a normalised axis (one channel when axis is empty).
+ChannelLayout channel_layout(const at::Tensor& dense_input, std::optional<int64_t> axis);
+
 // Checks the dtypes, shapes and devices of (input, scale, zero_point, axis) without reading any
 // values; this is all the Meta kernels can check. Returns the normalised axis (empty for
 // per-tensor: scale with one element).
