@@ -5,6 +5,8 @@
 
 #include "qext/ops/fake_quantize.h"
 #include "qext/ops/fake_quantize_learnable.h"
+#include "qext/ops/fake_quantize_observe.h"
+#include "qext/ops/observe.h"
 #include "qext/ops/quantize.h"
 
 namespace qext {

@@ -163,3 +163,75 @@ def test_bad_input():
         ops.choose_qparams(torch.tensor([0.0]), torch.tensor([1.0]), 5, 5, False)
     with pytest.raises(ValueError, match=r"choose_qparams: eps must be finite and positive, got 0"):
         ops.choose_qparams(torch.tensor([0.0]), torch.tensor([1.0]), 0, 255, False, 0.0)
+
+
+def fresh_state(channels: int, device="cpu"):
+    return (torch.full((channels,), INF, device=device), torch.full((channels,), -INF, device=device),
+            torch.ones(channels, device=device), torch.zeros(channels, dtype=torch.int32, device=device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("averaging", [None, 0.1])
+@pytest.mark.parametrize("axis", [None, 1])
+def test_fake_quantize_observe_matches_torch_ao_fake_quantize(device, averaging, axis):
+    from torch.ao.quantization import FakeQuantize, MinMaxObserver, MovingAverageMinMaxObserver
+    from torch.ao.quantization import MovingAveragePerChannelMinMaxObserver, PerChannelMinMaxObserver
+
+    if axis is None:
+        observer = MinMaxObserver if averaging is None else MovingAverageMinMaxObserver
+        kwargs = dict(qscheme=torch.per_tensor_affine)
+    else:
+        observer = PerChannelMinMaxObserver if averaging is None else MovingAveragePerChannelMinMaxObserver
+        kwargs = dict(qscheme=torch.per_channel_affine, ch_axis=axis)
+    if averaging is not None:
+        kwargs["averaging_constant"] = averaging
+    ref = FakeQuantize(observer=observer, quant_min=0, quant_max=255, dtype=torch.quint8, **kwargs).to(device)
+    channels = 6 if axis is not None else 1
+    state = fresh_state(channels, device)
+    for step in range(4):
+        base = (torch.randn(5, 6, 3, device=device) * (step + 1) + step * 0.5)
+        x, x_ref = base.clone().requires_grad_(), base.clone().requires_grad_()
+        y = ops.fake_quantize_observe(x, *state, averaging, 0, 255, False, axis)
+        y_ref = ref(x_ref)
+        assert torch.equal(y, y_ref), step
+        g = torch.randn_like(base)
+        y.backward(g)
+        y_ref.backward(g)
+        assert torch.equal(x.grad, x_ref.grad)
+    scale, zp = ref.calculate_qparams()
+    assert torch.equal(state[2].cpu(), scale.cpu().float().reshape(-1))
+    assert torch.equal(state[3].cpu(), zp.cpu().int().reshape(-1))
+
+
+def test_fake_quantize_observe_without_observing_uses_frozen_params():
+    state = fresh_state(1)
+    x = torch.randn(100)
+    ops.fake_quantize_observe(x, *state, None, -128, 127, True)
+    frozen = [t.clone() for t in state]
+    y = ops.fake_quantize_observe(x * 10, *state, None, -128, 127, True, None, False)
+    assert all(torch.equal(a, b) for a, b in zip(state, frozen))
+    assert torch.equal(y, torch.fake_quantize_per_tensor_affine(x * 10, frozen[2].item(), 0, -128, 127))
+
+
+def test_fake_quantize_observe_non_finite_batches():
+    state = fresh_state(2)
+    x = torch.randn(4, 2)
+    x[:, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"observed range must be finite, got \[inf, -inf\] for channel 1"):
+        ops.fake_quantize_observe(x, *state, 0.1, 0, 255, False, 1)
+    # Nothing the caller had was changed by the failed call.
+    assert torch.equal(state[0], torch.full((2,), INF)) and torch.equal(state[2], torch.ones(2))
+    # After a finite batch, an all-NaN batch leaves the EMA statistics alone.
+    ops.fake_quantize_observe(torch.randn(4, 2), *state, 0.1, 0, 255, False, 1)
+    before = [t.clone() for t in state]
+    ops.fake_quantize_observe(torch.full((4, 2), float("nan")), *state, 0.1, 0, 255, False, 1)
+    assert all(torch.equal(a, b) for a, b in zip(state, before))
+
+
+def test_fake_quantize_observe_bad_state():
+    state = list(fresh_state(1))
+    state[3] = torch.zeros(1)  # float zero point
+    with pytest.raises(RuntimeError, match=r"fake_quantize_observe: zero_point must be a Int tensor of 1 element\(s\), got Float"):
+        ops.fake_quantize_observe(torch.randn(3), *state, None, 0, 255, False)
+    with pytest.raises(ValueError, match=r"averaging_constant must be in \(0, 1\], got 1.5"):
+        ops.fake_quantize_observe(torch.randn(3), *fresh_state(1), 1.5, 0, 255, False)
