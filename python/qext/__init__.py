@@ -3,15 +3,41 @@
 import torch  # noqa: F401  (loads libtorch before libqext)
 
 from . import _C
-from .functional import dequantize, fake_quantize, fake_quantize_learnable, quantize
+from .qconfig import QConfig, QuantSpec, get_qconfig
+from .observer import HistogramObserver, MinMaxObserver, MovingAverageMinMaxObserver, make_observer
+from .fake_quantize import (
+    FakeQuantize,
+    disable_fake_quant,
+    disable_observer,
+    enable_fake_quant,
+    enable_observer,
+    set_module_names,
+)
+
+# Last: importing the submodule qext.fake_quantize above rebinds the package attribute
+# `fake_quantize`; the function must win.
+from .functional import dequantize, fake_quantize, fake_quantize_learnable, quantize  # noqa: E402
 
 __version__ = _C.version()
 
 __all__ = [
+    "FakeQuantize",
+    "HistogramObserver",
+    "MinMaxObserver",
+    "MovingAverageMinMaxObserver",
+    "QConfig",
+    "QuantSpec",
     "dequantize",
+    "disable_fake_quant",
+    "disable_observer",
+    "enable_fake_quant",
+    "enable_observer",
     "fake_quantize",
     "fake_quantize_learnable",
+    "get_qconfig",
+    "make_observer",
     "quantize",
+    "set_module_names",
     "with_cuda",
 ]
 

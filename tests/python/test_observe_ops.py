@@ -235,3 +235,8 @@ def test_fake_quantize_observe_bad_state():
         ops.fake_quantize_observe(torch.randn(3), *state, None, 0, 255, False)
     with pytest.raises(ValueError, match=r"averaging_constant must be in \(0, 1\], got 1.5"):
         ops.fake_quantize_observe(torch.randn(3), *fresh_state(1), 1.5, 0, 255, False)
+
+
+def test_choose_qparams_rejects_range_overflowing_float32():
+    with pytest.raises(ValueError, match=r"choose_qparams: the observed range \[-3e\+38, 3e\+38\] is too wide"):
+        ops.choose_qparams(torch.tensor([-3e38]), torch.tensor([3e38]), 0, 255, False)

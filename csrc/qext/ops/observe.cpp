@@ -65,6 +65,8 @@ std::tuple<at::Tensor, at::Tensor> choose_qparams_impl(const at::Tensor& min_val
     const kernels::QParams q = kernels::choose_qparams_ref(
         lo_data[c], hi_data[c], static_cast<int32_t>(quant_min), static_cast<int32_t>(quant_max),
         symmetric, static_cast<float>(eps));
+    TORCH_CHECK_VALUE(std::isfinite(q.scale), kChooseQParams, ": the observed range [", lo_data[c],
+                      ", ", hi_data[c], "]", where, " is too wide: its scale overflows float32");
     scale.mutable_data_ptr<float>()[c] = q.scale;
     zero_point.mutable_data_ptr<int32_t>()[c] = q.zero_point;
   }
