@@ -5,13 +5,25 @@ import torch  # noqa: F401  (loads libtorch before libqext)
 from . import _C
 from .qconfig import QConfig, QuantSpec, get_qconfig
 from .observer import HistogramObserver, MinMaxObserver, MovingAverageMinMaxObserver, make_observer
-from .fake_quantize import (
-    FakeQuantize,
-    disable_fake_quant,
-    disable_observer,
+from .fake_quantize import FakeQuantize, disable_fake_quant, disable_observer, set_module_names
+from . import nn
+from .quantization import (
+    LayerSize,
+    ModelSize,
+    QuantizationWarning,
+    StateDictMismatchError,
+    calibrate,
+    check_state_dict,
+    convert,
     enable_fake_quant,
     enable_observer,
-    set_module_names,
+    freeze_bn_stats,
+    fuse,
+    load_state_dict,
+    model_size,
+    prepare,
+    prepare_qat,
+    quantize_dynamic,
 )
 
 # Last: importing the submodule qext.fake_quantize above rebinds the package attribute
@@ -22,6 +34,21 @@ __version__ = _C.version()
 
 __all__ = [
     "FakeQuantize",
+    "LayerSize",
+    "ModelSize",
+    "QuantizationWarning",
+    "StateDictMismatchError",
+    "calibrate",
+    "check_state_dict",
+    "convert",
+    "freeze_bn_stats",
+    "fuse",
+    "load_state_dict",
+    "model_size",
+    "nn",
+    "prepare",
+    "prepare_qat",
+    "quantize_dynamic",
     "HistogramObserver",
     "MinMaxObserver",
     "MovingAverageMinMaxObserver",

@@ -1,0 +1,33 @@
+"""qext.nn: quantization-aware training modules, the float fused containers made by :func:`qext.fuse`,
+and (``qext.nn.quantized``) the converted integer modules."""
+
+from . import quantized
+from .fused import FusedConvBn2d, FusedConvBnReLU2d, FusedConvReLU2d, FusedLinearReLU
+from .qat import (
+    ConvBn2d,
+    ConvBnReLU2d,
+    ConvReLU2d,
+    DeQuantStub,
+    LinearReLU,
+    QAdd,
+    QConv2d,
+    QLinear,
+    QuantStub,
+)
+
+__all__ = [
+    "ConvBn2d",
+    "ConvBnReLU2d",
+    "ConvReLU2d",
+    "DeQuantStub",
+    "FusedConvBn2d",
+    "FusedConvBnReLU2d",
+    "FusedConvReLU2d",
+    "FusedLinearReLU",
+    "LinearReLU",
+    "QAdd",
+    "QConv2d",
+    "QLinear",
+    "QuantStub",
+    "quantized",
+]

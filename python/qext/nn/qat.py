@@ -1,0 +1,496 @@
+"""Quantization-aware training modules.
+
+Every module here owns its fake-quantizers:
+
+* ``weight_fake_quant``: a :class:`qext.fake_quantize.FakeQuantize` built from ``qconfig.weight``, applied to
+  the weights the module computes with (the BN-folded weights for ``ConvBn2d`` / ``ConvBnReLU2d``);
+* ``activation_post_process``: a FakeQuantize built from ``qconfig.activation``, applied to the module's
+  output (after the ReLU of the fused ``*ReLU`` variants);
+
+either is ``None`` when its spec is ``None`` (that tensor stays in float). ``from_float(mod, qconfig)``
+builds the QAT module from its float counterpart, sharing its parameters (and batch-norm state).
+
+Batch-norm folding (``ConvBn2d``, ``ConvBnReLU2d``) follows Krishnamoorthi (2018), section 3.2, the way
+``torch.ao.nn.intrinsic.qat.ConvBn2d`` implements it:
+
+* ``folded_weight_bias()`` returns ``w_fold = w * gamma / sigma`` and
+  ``b_fold = beta + (b - mu) * gamma / sigma`` with the *running* statistics (``sigma = sqrt(var + eps)``);
+* in training, before the statistics are frozen, the convolution runs with ``fake_quant(w_fold)`` and its
+  output is rescaled by ``sigma / sigma_B`` and shifted by ``beta + (b - mu_B) * gamma / sigma_B``, so the
+  layer is normalised with the *batch* statistics ``mu_B, sigma_B`` (the batch-statistics correction); the
+  running statistics are updated from the batch as ``nn.BatchNorm2d`` does;
+* in eval mode, and in training once the statistics are frozen (``freeze_bn_stats()``, or after
+  ``freeze_bn_step`` training steps), the layer computes ``conv(x, fake_quant(w_fold)) + b_fold`` and leaves
+  the statistics alone: exactly the weights and bias that :func:`qext.convert` quantizes.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import _utils
+from .fused import FusedConvBn2d, FusedConvBnReLU2d, FusedConvReLU2d, FusedLinearReLU
+
+
+class _QATMixin:
+    """Fake-quantizer ownership, qconfig bookkeeping and the qconfig check of state dicts."""
+
+    qconfig = None
+    weight_fake_quant: Optional[nn.Module]
+    activation_post_process: Optional[nn.Module]
+
+    def _init_fake_quant(self, qconfig, weight: bool = True) -> None:
+        self.qconfig = qconfig
+        wspec = getattr(qconfig, "weight", None) if (qconfig is not None and weight) else None
+        aspec = getattr(qconfig, "activation", None) if qconfig is not None else None
+        self.weight_fake_quant = _utils.make_fake_quant(wspec)
+        self.activation_post_process = _utils.make_fake_quant(aspec)
+
+    def _fq_weight(self, w: torch.Tensor) -> torch.Tensor:
+        return w if self.weight_fake_quant is None else self.weight_fake_quant(w)
+
+    def _fq_output(self, y: torch.Tensor) -> torch.Tensor:
+        return y if self.activation_post_process is None else self.activation_post_process(y)
+
+    # The qconfig travels with the state dict (``<name>._extra_state``), so that a state dict saved with
+    # another qconfig is refused (qext.quantization checks the whole dict before anything is loaded).
+    def qext_description(self) -> dict:
+        return {
+            "version": _utils.EXTRA_STATE_VERSION,
+            "module": type(self).__name__,
+            "qconfig": _utils.qconfig_description(self.qconfig),
+        }
+
+    def get_extra_state(self):
+        return self.qext_description()
+
+    def set_extra_state(self, state) -> None:
+        expected = self.qext_description()
+        if not _utils.extra_state_compatible(state, expected):
+            raise RuntimeError(
+                f"qext: state dict entry for this {type(self).__name__} was saved with another quantization "
+                f"config ({_utils.describe_difference(state, expected)})"
+            )
+
+
+def _check_type(mod: nn.Module, types, who: str) -> None:
+    if type(mod) not in types:
+        names = " or ".join(t.__name__ for t in types)
+        raise TypeError(f"{who}.from_float expects {names}, got {type(mod).__name__}")
+
+
+def _unwrap_fused(mod: nn.Module, fused_type, ao_name: str) -> list:
+    """The submodules of a qext fused container or of torch.ao's intrinsic counterpart."""
+    if type(mod) is fused_type:
+        return list(mod)
+    try:
+        import torch.ao.nn.intrinsic as nni
+
+        ao_type = getattr(nni, ao_name)
+    except (ImportError, AttributeError):  # pragma: no cover - torch without torch.ao
+        ao_type = None
+    if ao_type is not None and type(mod) is ao_type:
+        return list(mod)
+    raise TypeError(f"from_float expects {fused_type.__name__}, got {type(mod).__name__}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Linear / Conv2d
+# --------------------------------------------------------------------------------------------------
+
+
+class QLinear(_QATMixin, nn.Linear):
+    """``nn.Linear`` with fake-quantized weights and output."""
+
+    _FLOAT_TYPES = (nn.Linear,)
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, qconfig=None, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self._init_fake_quant(qconfig)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._fq_output(F.linear(x, self._fq_weight(self.weight), self.bias))
+
+    def weight_bias(self):
+        """The float weight and bias that convert() quantizes."""
+        return self.weight, self.bias
+
+    @classmethod
+    def _from_linear(cls, lin: nn.Linear, qconfig):
+        mod = cls(lin.in_features, lin.out_features, lin.bias is not None, qconfig=None, device="meta")
+        mod.weight = lin.weight
+        mod.bias = lin.bias
+        mod._init_fake_quant(qconfig)
+        if mod.weight_fake_quant is not None:
+            mod.weight_fake_quant.to(lin.weight.device)
+        if mod.activation_post_process is not None:
+            mod.activation_post_process.to(lin.weight.device)
+        mod.train(lin.training)
+        return mod
+
+    @classmethod
+    def from_float(cls, mod: nn.Module, qconfig):
+        _check_type(mod, cls._FLOAT_TYPES, cls.__name__)
+        return cls._from_linear(mod, qconfig)
+
+
+class LinearReLU(QLinear):
+    """Fused ``Linear`` + ``ReLU``: ``fake_quant(relu(linear(x, fake_quant(w))))``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._fq_output(F.relu(F.linear(x, self._fq_weight(self.weight), self.bias)))
+
+    @classmethod
+    def from_float(cls, mod: nn.Module, qconfig):
+        lin, _relu = _unwrap_fused(mod, FusedLinearReLU, "LinearReLU")
+        return cls._from_linear(lin, qconfig)
+
+
+def _conv_args(conv: nn.Conv2d) -> dict:
+    return dict(
+        in_channels=conv.in_channels,
+        out_channels=conv.out_channels,
+        kernel_size=conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=conv.groups,
+        bias=conv.bias is not None,
+        padding_mode=conv.padding_mode,
+    )
+
+
+class QConv2d(_QATMixin, nn.Conv2d):
+    """``nn.Conv2d`` (any stride, padding, dilation, groups, padding mode) with fake-quantized weights and output."""
+
+    _FLOAT_TYPES = (nn.Conv2d,)
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        qconfig=None,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
+            device=device, dtype=dtype,
+        )
+        self._init_fake_quant(qconfig)
+
+    def _conv(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self._fq_weight(self.weight), self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._fq_output(self._conv(x))
+
+    def weight_bias(self):
+        """The float weight and bias that convert() quantizes."""
+        return self.weight, self.bias
+
+    @classmethod
+    def _from_conv(cls, conv: nn.Conv2d, qconfig):
+        mod = cls(**_conv_args(conv), qconfig=None, device="meta")
+        mod.weight = conv.weight
+        mod.bias = conv.bias
+        mod._init_fake_quant(qconfig)
+        for fq in (mod.weight_fake_quant, mod.activation_post_process):
+            if fq is not None:
+                fq.to(conv.weight.device)
+        mod.train(conv.training)
+        return mod
+
+    @classmethod
+    def from_float(cls, mod: nn.Module, qconfig):
+        _check_type(mod, cls._FLOAT_TYPES, cls.__name__)
+        return cls._from_conv(mod, qconfig)
+
+
+class ConvReLU2d(QConv2d):
+    """Fused ``Conv2d`` + ``ReLU``: ``fake_quant(relu(conv(x, fake_quant(w))))``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._fq_output(F.relu(self._conv(x)))
+
+    @classmethod
+    def from_float(cls, mod: nn.Module, qconfig):
+        conv, _relu = _unwrap_fused(mod, FusedConvReLU2d, "ConvReLU2d")
+        return cls._from_conv(conv, qconfig)
+
+
+# --------------------------------------------------------------------------------------------------
+# Conv2d + BatchNorm2d with folding
+# --------------------------------------------------------------------------------------------------
+
+
+class ConvBn2d(_QATMixin, nn.Conv2d):
+    """Fused ``Conv2d`` + ``BatchNorm2d`` with the batch norm folded into the weights (see the module doc).
+
+    ``bn`` is the ``nn.BatchNorm2d`` holding gamma, beta and the running statistics (state dict keys
+    ``bn.weight``, ``bn.running_mean``, ..., as in torch.ao's ``ConvBn2d``). ``step`` counts training
+    forward passes; the statistics freeze once ``step >= freeze_bn_step`` (None: never by count) or after
+    ``freeze_bn_stats()``.
+    """
+
+    _relu = False
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = False,
+        padding_mode: str = "zeros",
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        qconfig=None,
+        freeze_bn_step: Optional[int] = None,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
+            device=device, dtype=dtype,
+        )
+        self.bn = nn.BatchNorm2d(out_channels, eps, momentum, True, True, device=device, dtype=dtype)
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64, device=device if device != "meta" else None))
+        self._steps = 0  # Python mirror of ``step``: no device synchronisation per forward
+        self.freeze_bn_step = freeze_bn_step
+        self.bn_frozen = False
+        self._init_fake_quant(qconfig)
+
+    # -- batch norm state ------------------------------------------------------------------------
+    def freeze_bn_stats(self, frozen: bool = True):
+        """Stop (or, with False, resume) updating the running statistics and normalising with batch
+        statistics in training; the layer then computes what it computes in eval mode."""
+        self.bn_frozen = bool(frozen)
+        return self
+
+    @property
+    def bn_stats_frozen(self) -> bool:
+        if self.bn_frozen:
+            return True
+        return self.freeze_bn_step is not None and self._steps >= int(self.freeze_bn_step)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "step" in state_dict:
+            self._steps = int(self.step)
+
+    def _gamma_beta(self):
+        bn = self.bn
+        gamma = bn.weight if bn.weight is not None else torch.ones_like(bn.running_var)
+        beta = bn.bias if bn.bias is not None else torch.zeros_like(bn.running_mean)
+        return gamma, beta
+
+    def folded_weight_bias(self):
+        """``(w * gamma / sigma, beta + (b - mu) * gamma / sigma)`` with the running statistics: the
+        weights the QAT model fake-quantizes (in eval mode / with frozen statistics, also the bias it
+        adds) and exactly what convert() quantizes."""
+        gamma, beta = self._gamma_beta()
+        running_std = torch.sqrt(self.bn.running_var + self.bn.eps)
+        factor = gamma / running_std
+        w_fold = self.weight * factor.reshape(-1, 1, 1, 1)
+        b = self.bias if self.bias is not None else torch.zeros_like(self.bn.running_mean)
+        b_fold = beta + (b - self.bn.running_mean) * factor
+        return w_fold, b_fold
+
+    def weight_bias(self):
+        return self.folded_weight_bias()
+
+    def _conv_bn(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            frozen = self.bn_stats_frozen
+            self._steps += 1
+            with torch.no_grad():
+                self.step.add_(1)
+        else:
+            frozen = True
+        if frozen:
+            w_fold, b_fold = self.folded_weight_bias()
+            return self._conv_forward(x, self._fq_weight(w_fold), b_fold)
+
+        bn = self.bn
+        gamma, beta = self._gamma_beta()
+        running_std = torch.sqrt(bn.running_var + bn.eps)
+        factor = gamma / running_std
+        y = self._conv_forward(x, self._fq_weight(self.weight * factor.reshape(-1, 1, 1, 1)), None)
+        # The convolution output without the folding factor (what the unfused conv would give, up to
+        # the weight quantization); its batch statistics normalise the layer.
+        y_orig = y / factor.reshape(1, -1, 1, 1)
+        b = self.bias if self.bias is not None else torch.zeros_like(bn.running_mean)
+        y_orig = y_orig + b.reshape(1, -1, 1, 1)
+        dims = [0, 2, 3]
+        count = y.numel() // y.shape[1]
+        if count <= 1:
+            raise ValueError(
+                f"{type(self).__name__}: expected more than 1 value per channel when training with batch "
+                f"statistics, got input of shape {list(x.shape)}"
+            )
+        batch_mean = y_orig.mean(dims)
+        batch_var = y_orig.var(dims, unbiased=False)
+        batch_std = torch.sqrt(batch_var + bn.eps)
+        # Batch-statistics correction: scale by sigma / sigma_B, add beta + (b - mu_B) * gamma / sigma_B.
+        out = y * (running_std / batch_std).reshape(1, -1, 1, 1) + (
+            beta + (b - batch_mean) * gamma / batch_std
+        ).reshape(1, -1, 1, 1)
+        with torch.no_grad():
+            bn.num_batches_tracked += 1
+            if bn.momentum is None:
+                factor_avg = 1.0 / float(bn.num_batches_tracked)
+            else:
+                factor_avg = bn.momentum
+            unbiased = batch_var.detach() * (count / (count - 1))
+            bn.running_mean.mul_(1 - factor_avg).add_(batch_mean.detach(), alpha=factor_avg)
+            bn.running_var.mul_(1 - factor_avg).add_(unbiased, alpha=factor_avg)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._conv_bn(x)
+        if self._relu:
+            y = F.relu(y)
+        return self._fq_output(y)
+
+    @classmethod
+    def from_float(cls, mod: nn.Module, qconfig, freeze_bn_step: Optional[int] = None):
+        if cls._relu:
+            conv, bn, _relu = _unwrap_fused(mod, FusedConvBnReLU2d, "ConvBnReLU2d")
+        else:
+            conv, bn = _unwrap_fused(mod, FusedConvBn2d, "ConvBn2d")
+        if not bn.track_running_stats or bn.running_mean is None:
+            raise ValueError(f"{cls.__name__}.from_float: the BatchNorm2d has no running statistics to fold")
+        args = _conv_args(conv)
+        qat = cls(**args, eps=bn.eps, momentum=bn.momentum, qconfig=None, freeze_bn_step=freeze_bn_step, device="meta")
+        qat.weight = conv.weight
+        qat.bias = conv.bias
+        qat.bn = bn
+        qat.step = torch.zeros((), dtype=torch.int64, device=conv.weight.device)
+        qat._steps = 0
+        qat._init_fake_quant(qconfig)
+        for fq in (qat.weight_fake_quant, qat.activation_post_process):
+            if fq is not None:
+                fq.to(conv.weight.device)
+        qat.train(mod.training)
+        return qat
+
+
+class ConvBnReLU2d(ConvBn2d):
+    """Fused ``Conv2d`` + ``BatchNorm2d`` + ``ReLU``: ``fake_quant(relu(conv_bn(x)))`` (see ConvBn2d)."""
+
+    _relu = True
+
+
+# --------------------------------------------------------------------------------------------------
+# Stubs and the residual add
+# --------------------------------------------------------------------------------------------------
+
+
+class QuantStub(_QATMixin, nn.Module):
+    """Marks where a model's input becomes quantized. Without a qconfig (in the float model) it is the
+    identity; after prepare / prepare_qat it fake-quantizes its input with ``qconfig.activation``, and
+    convert() turns it into ``qext.nn.quantized.Quantize``."""
+
+    def __init__(self, qconfig=None):
+        super().__init__()
+        self._init_fake_quant(qconfig, weight=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._fq_output(x)
+
+    @classmethod
+    def from_float(cls, mod: nn.Module, qconfig):
+        if not isinstance(mod, (QuantStub, _ao_type("QuantStub"))):
+            raise TypeError(f"QuantStub.from_float expects a QuantStub, got {type(mod).__name__}")
+        stub = cls(qconfig)
+        if qconfig is not None:
+            dev = _module_device(mod)
+            if dev is not None:
+                stub.to(dev)
+        stub.train(mod.training)
+        return stub
+
+
+class DeQuantStub(nn.Module):
+    """Marks where a model's output goes back to float: the identity in float and QAT models;
+    convert() turns it into ``qext.nn.quantized.DeQuantize``."""
+
+    weight_fake_quant = None
+    activation_post_process = None
+
+    def __init__(self, qconfig=None):
+        super().__init__()
+        self.qconfig = qconfig
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    @classmethod
+    def from_float(cls, mod: nn.Module, qconfig):
+        if not isinstance(mod, (DeQuantStub, _ao_type("DeQuantStub"))):
+            raise TypeError(f"DeQuantStub.from_float expects a DeQuantStub, got {type(mod).__name__}")
+        stub = cls(qconfig)
+        stub.train(mod.training)
+        return stub
+
+
+class QAdd(_QATMixin, nn.Module):
+    """Residual add, ``QAdd()(x, y)``. Without a qconfig it is ``x + y``; after prepare / prepare_qat it
+    fake-quantizes the sum with its own output quantizer (``activation_post_process``), and convert()
+    turns it into ``qext.nn.quantized.QAdd``. Use one instance per add in the model."""
+
+    def __init__(self, qconfig=None):
+        super().__init__()
+        self._init_fake_quant(qconfig, weight=False)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self._fq_output(x + y)
+
+    @classmethod
+    def from_float(cls, mod: nn.Module, qconfig):
+        if not isinstance(mod, QAdd):
+            raise TypeError(f"QAdd.from_float expects a QAdd, got {type(mod).__name__}")
+        add = cls(qconfig)
+        if qconfig is not None:
+            dev = _module_device(mod)
+            if dev is not None:
+                add.to(dev)
+        add.train(mod.training)
+        return add
+
+
+class _Never:  # stands in for a torch.ao type that this torch does not have
+    pass
+
+
+def _ao_type(name: str):
+    try:
+        import torch.ao.quantization as tq
+
+        return getattr(tq, name)
+    except (ImportError, AttributeError):  # pragma: no cover
+        return _Never
+
+
+def _module_device(mod: nn.Module):
+    for t in list(mod.parameters()) + list(mod.buffers()):
+        return t.device
+    return None
+
+
+QAT_MODULES = (QLinear, LinearReLU, QConv2d, ConvReLU2d, ConvBn2d, ConvBnReLU2d, QuantStub, DeQuantStub, QAdd)
