@@ -5,7 +5,7 @@ import torch  # noqa: F401  (loads libtorch before libqext)
 from . import _C
 from .qconfig import QConfig, QuantSpec, get_qconfig
 from .observer import HistogramObserver, MinMaxObserver, MovingAverageMinMaxObserver, make_observer
-from .fake_quantize import FakeQuantize, disable_fake_quant, disable_observer, set_module_names
+from .fake_quant import FakeQuantize, disable_fake_quant, disable_observer, set_module_names
 from . import nn
 from .quantization import (
     LayerSize,
@@ -26,9 +26,7 @@ from .quantization import (
     quantize_dynamic,
 )
 
-# Last: importing the submodule qext.fake_quantize above rebinds the package attribute
-# `fake_quantize`; the function must win.
-from .functional import dequantize, fake_quantize, fake_quantize_learnable, quantize  # noqa: E402
+from .functional import dequantize, fake_quantize, fake_quantize_learnable, quantize
 
 __version__ = _C.version()
 

@@ -99,7 +99,7 @@ class ObserverBase(nn.Module):
 
     Construct from a :class:`QuantSpec` or from its fields: ``MinMaxObserver(spec)``,
     ``MinMaxObserver(bits=8, signed=False, symmetric=False, axis=0)``.
-    ``module_name`` (set by ``qext.fake_quantize.set_module_names`` / prepare) names the module in
+    ``module_name`` (set by ``qext.fake_quant.set_module_names`` / prepare) names the module in
     error messages.
     """
 

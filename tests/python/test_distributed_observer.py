@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from qext.fake_quantize import FakeQuantize
+from qext.fake_quant import FakeQuantize
 from qext.observer import HistogramObserver, MinMaxObserver, MovingAverageMinMaxObserver
 from qext.qconfig import QuantSpec, get_qconfig
 

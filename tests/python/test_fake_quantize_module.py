@@ -12,7 +12,7 @@ from torch.ao.quantization import MovingAverageMinMaxObserver as AOMovingAverage
 from torch.ao.quantization import PerChannelMinMaxObserver as AOPerChannelMinMaxObserver
 
 import qext
-from qext.fake_quantize import (
+from qext.fake_quant import (
     FakeQuantize,
     disable_fake_quant,
     disable_observer,
@@ -35,9 +35,9 @@ def data(n=5, shape=(8, 6, 4), seed=0):
 
 
 def test_package_function_not_shadowed_by_submodule():
-    """Importing the submodule qext.fake_quantize binds the package attribute of that name to the
-    module unless qext/__init__.py imported the submodule before binding the function."""
-    import qext.fake_quantize  # noqa: F401
+    """The FakeQuantize module lives in qext.fake_quant, so importing it leaves the function
+    qext.fake_quantize alone."""
+    import qext.fake_quant  # noqa: F401
 
     assert callable(qext.fake_quantize) and qext.fake_quantize is qext.functional.fake_quantize
 

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from qext.fake_quantize import FakeQuantize
+from qext.fake_quant import FakeQuantize
 from qext.observer import HistogramObserver, MinMaxObserver, MovingAverageMinMaxObserver, make_observer
 from qext.qconfig import QConfig, QuantSpec, get_qconfig
 

@@ -2,7 +2,7 @@
 workflow (``qext.quantization``): building fake-quantizers from a QConfig, reading their current
 quantization parameters, and describing a QConfig in a state dict.
 
-Everything that touches a :class:`qext.fake_quantize.FakeQuantize` from outside goes through the few
+Everything that touches a :class:`qext.fake_quant.FakeQuantize` from outside goes through the few
 functions here (``spec``, ``calculate_qparams``, ``observer.has_data``, ``initialized``,
 ``enable_observer`` / ``enable_fake_quant``), so the modules depend on its interface in one place only.
 """
@@ -31,7 +31,7 @@ def make_fake_quant(spec) -> Optional[nn.Module]:
         return None
     # Imported when first needed, so that `import qext.nn` does not load qext.fake_quantize (a submodule
     # whose name is also that of the function qext.fake_quantize; see the package __init__).
-    from ..fake_quantize import FakeQuantize
+    from ..fake_quant import FakeQuantize
 
     return FakeQuantize(spec)
 
@@ -63,7 +63,7 @@ def fq_has_data(fq: nn.Module) -> bool:
 
 def set_module_names(model: nn.Module) -> None:
     """Name every FakeQuantize / observer after its place in the model (for error messages)."""
-    from ..fake_quantize import set_module_names as _set
+    from ..fake_quant import set_module_names as _set
 
     _set(model)
 
@@ -77,7 +77,7 @@ def fq_set_fake_quant(fq: nn.Module, enabled: bool) -> None:
 
 
 def is_fake_quant(m: nn.Module) -> bool:
-    from ..fake_quantize import FakeQuantize
+    from ..fake_quant import FakeQuantize
 
     return isinstance(m, FakeQuantize)
 

@@ -2,7 +2,7 @@
 
 Every module here owns its fake-quantizers:
 
-* ``weight_fake_quant``: a :class:`qext.fake_quantize.FakeQuantize` built from ``qconfig.weight``, applied to
+* ``weight_fake_quant``: a :class:`qext.fake_quant.FakeQuantize` built from ``qconfig.weight``, applied to
   the weights the module computes with (the BN-folded weights for ``ConvBn2d`` / ``ConvBnReLU2d``);
 * ``activation_post_process``: a FakeQuantize built from ``qconfig.activation``, applied to the module's
   output (after the ReLU of the fused ``*ReLU`` variants);

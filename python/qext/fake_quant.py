@@ -28,9 +28,8 @@ ranks run the forward in DDP), and the LSQ initialisation is averaged over the r
 the forward does not communicate (rank-0-only evaluation must not deadlock);
 :meth:`FakeQuantize.calculate_qparams` always synchronises.
 
-Import order: importing this submodule binds the package attribute ``qext.fake_quantize`` to the
-module, so ``qext/__init__.py`` must import it before it binds the function ``fake_quantize``
-(tested by ``test_package_function_not_shadowed_by_submodule``).
+This module is ``qext.fake_quant`` (not ``fake_quantize``) so that importing it never shadows the
+function ``qext.fake_quantize``.
 
 Per-channel parameters are created with one element and take their channel count from the first
 batch (pass ``num_channels`` to create them at full size, e.g. before building an optimizer or
