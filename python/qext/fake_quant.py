@@ -205,6 +205,8 @@ class FakeQuantize(nn.Module):
         axis = normalize_axis(self.axis, x.dim(), self._label(), x.shape)
         if self.spec.learnable:
             return self._forward_learnable(x, axis)
+        if self._observer_on and self._fake_quant_on and self._can_fuse_observe(x):
+            return self._observe_and_fake_quantize(x, axis)
         if self._observer_on:
             self.observer(x.detach())
             if self._fake_quant_on:
@@ -214,6 +216,30 @@ class FakeQuantize(nn.Module):
         if self._fake_quant_on:
             return fake_quantize(x, self.scale, self.zero_point, self.quant_min, self.quant_max, axis=axis)
         return x
+
+    def _can_fuse_observe(self, x: torch.Tensor) -> bool:
+        """Whether one torch.ops.qext.fake_quantize_observe call can do this step: a min/max or EMA
+        observer that already holds statistics of the right size (the first batch sizes them in
+        Python), on one process (several ranks synchronise in Python), with the buffers' dtypes."""
+        obs = self.observer
+        return (
+            obs.kind in ("minmax", "ema")
+            and obs.has_data()
+            and x.numel() > 0
+            and _dist_world() == 1
+            and self.scale.shape == obs.min_val.shape
+            and self.zero_point.dtype == torch.int32
+            and obs.min_val.device == x.device
+        )
+
+    def _observe_and_fake_quantize(self, x: torch.Tensor, axis: Optional[int]) -> torch.Tensor:
+        averaging = self.spec.averaging_constant if self.observer.kind == "ema" else None
+        try:
+            return torch.ops.qext.fake_quantize_observe(
+                x, self.observer.min_val, self.observer.max_val, self.scale, self.zero_point, averaging,
+                self.quant_min, self.quant_max, self.spec.symmetric, axis, True)
+        except ValueError as error:  # name the module (nothing was changed by the failed call)
+            raise ValueError(f"{self._label()}: {error}") from None
 
     def _forward_learnable(self, x: torch.Tensor, axis: Optional[int]) -> torch.Tensor:
         if self._observer_on and not self._initialized and x.numel() > 0:

@@ -331,35 +331,21 @@ class ConvBn2d(_QATMixin, nn.Conv2d):
         running_std = torch.sqrt(bn.running_var + bn.eps)
         factor = gamma / running_std
         y = self._conv_forward(x, self._fq_weight(self.weight * factor.reshape(-1, 1, 1, 1)), None)
-        # The convolution output without the folding factor (what the unfused conv would give, up to
-        # the weight quantization); its batch statistics normalise the layer.
-        y_orig = y / factor.reshape(1, -1, 1, 1)
-        b = self.bias if self.bias is not None else torch.zeros_like(bn.running_mean)
-        y_orig = y_orig + b.reshape(1, -1, 1, 1)
-        dims = [0, 2, 3]
-        count = y.numel() // y.shape[1]
-        if count <= 1:
+        if y.numel() // y.shape[1] <= 1:
             raise ValueError(
                 f"{type(self).__name__}: expected more than 1 value per channel when training with batch "
                 f"statistics, got input of shape {list(x.shape)}"
             )
-        batch_mean = y_orig.mean(dims)
-        batch_var = y_orig.var(dims, unbiased=False)
-        batch_std = torch.sqrt(batch_var + bn.eps)
-        # Batch-statistics correction: scale by sigma / sigma_B, add beta + (b - mu_B) * gamma / sigma_B.
-        out = y * (running_std / batch_std).reshape(1, -1, 1, 1) + (
-            beta + (b - batch_mean) * gamma / batch_std
-        ).reshape(1, -1, 1, 1)
+        # Undo the folding factor (what the unfused conv would give, up to the weight quantization) and
+        # let the native batch norm normalise with the batch statistics and update the running ones:
+        # out = y * sigma / sigma_B + beta + (b - mu_B) * gamma / sigma_B (Krishnamoorthi's correction).
+        y_orig = y / factor.reshape(1, -1, 1, 1)
+        if self.bias is not None:
+            y_orig = y_orig + self.bias.reshape(1, -1, 1, 1)
         with torch.no_grad():
             bn.num_batches_tracked += 1
-            if bn.momentum is None:
-                factor_avg = 1.0 / float(bn.num_batches_tracked)
-            else:
-                factor_avg = bn.momentum
-            unbiased = batch_var.detach() * (count / (count - 1))
-            bn.running_mean.mul_(1 - factor_avg).add_(batch_mean.detach(), alpha=factor_avg)
-            bn.running_var.mul_(1 - factor_avg).add_(unbiased, alpha=factor_avg)
-        return out
+        momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+        return F.batch_norm(y_orig, bn.running_mean, bn.running_var, gamma, beta, True, momentum, bn.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._conv_bn(x)
