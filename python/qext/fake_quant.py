@@ -46,7 +46,7 @@ from torch import nn
 
 from .functional import fake_quantize, fake_quantize_learnable
 from .observer import ObserverBase, _all_reduce, _dist_world, _set_, make_observer, normalize_axis
-from .qconfig import QuantSpec
+from .qconfig import QuantSpec, SpecShortcuts
 
 __all__ = [
     "FakeQuantize",
@@ -64,7 +64,7 @@ def _symmetric_zero_point(spec: QuantSpec) -> int:
     return 0 if spec.quant_min < 0 else (spec.quant_min + spec.quant_max + 1) // 2
 
 
-class FakeQuantize(nn.Module):
+class FakeQuantize(SpecShortcuts, nn.Module):
     """Observer + fake quantization for one tensor, configured by a :class:`QuantSpec`.
 
     State (all in ``state_dict``): ``scale`` (float32, ``[1]`` or ``[C]``; a Parameter in learnable
@@ -105,22 +105,6 @@ class FakeQuantize(nn.Module):
         self._module_name = ""
 
     # -- configuration ----------------------------------------------------------------------------
-    @property
-    def quant_min(self) -> int:
-        return self.spec.quant_min
-
-    @property
-    def quant_max(self) -> int:
-        return self.spec.quant_max
-
-    @property
-    def axis(self) -> Optional[int]:
-        return self.spec.axis
-
-    @property
-    def learnable(self) -> bool:
-        return self.spec.learnable
-
     @property
     def module_name(self) -> str:
         return self._module_name

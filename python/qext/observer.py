@@ -42,7 +42,7 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import nn
 
-from .qconfig import QuantSpec
+from .qconfig import QuantSpec, SpecShortcuts
 
 __all__ = [
     "ObserverBase",
@@ -93,7 +93,7 @@ def _set_(buf: torch.Tensor, value: torch.Tensor) -> None:
         buf.copy_(value)
 
 
-class ObserverBase(nn.Module):
+class ObserverBase(SpecShortcuts, nn.Module):
     """Common interface: ``forward(x)`` records statistics and returns ``x``;
     ``calculate_qparams()`` returns ``(scale float32, zero_point int32)`` of shape ``[1]`` or ``[C]``.
 
@@ -116,23 +116,6 @@ class ObserverBase(nn.Module):
             spec = spec.replace(**{"observer": self.kind, **fields})
         self.spec = spec
         self.module_name = ""
-
-    # -- spec shortcuts ---------------------------------------------------------------------------
-    @property
-    def quant_min(self) -> int:
-        return self.spec.quant_min
-
-    @property
-    def quant_max(self) -> int:
-        return self.spec.quant_max
-
-    @property
-    def axis(self) -> Optional[int]:
-        return self.spec.axis
-
-    @property
-    def symmetric(self) -> bool:
-        return self.spec.symmetric
 
     def _label(self) -> str:
         name = type(self).__name__

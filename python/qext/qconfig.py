@@ -176,3 +176,30 @@ def get_qconfig(name: str) -> QConfig:
 
 
 __all__ = ["QuantSpec", "QConfig", "get_qconfig", "QCONFIG_PRESETS", "OBSERVERS", "HISTOGRAM_METHODS"]
+
+
+class SpecShortcuts:
+    """Read-only shortcuts to the fields of ``self.spec`` (a :class:`QuantSpec`), shared by the
+    observers and FakeQuantize."""
+
+    spec: QuantSpec
+
+    @property
+    def quant_min(self) -> int:
+        return self.spec.quant_min
+
+    @property
+    def quant_max(self) -> int:
+        return self.spec.quant_max
+
+    @property
+    def axis(self) -> Optional[int]:
+        return self.spec.axis
+
+    @property
+    def symmetric(self) -> bool:
+        return self.spec.symmetric
+
+    @property
+    def learnable(self) -> bool:
+        return self.spec.learnable

@@ -50,6 +50,18 @@ class _QATMixin:
         self.weight_fake_quant = _utils.make_fake_quant(wspec)
         self.activation_post_process = _utils.make_fake_quant(aspec)
 
+    def _adopt(self, float_mod: nn.Module, qconfig):
+        """Takes over float_mod's weight and bias (shared, not copied), builds the quantizers on
+        their device and copies the training flag; returns self."""
+        self.weight = float_mod.weight
+        self.bias = float_mod.bias
+        self._init_fake_quant(qconfig)
+        for fq in (self.weight_fake_quant, self.activation_post_process):
+            if fq is not None:
+                fq.to(float_mod.weight.device)
+        self.train(float_mod.training)
+        return self
+
     def _fq_weight(self, w: torch.Tensor) -> torch.Tensor:
         return w if self.weight_fake_quant is None else self.weight_fake_quant(w)
 
@@ -122,15 +134,7 @@ class QLinear(_QATMixin, nn.Linear):
     @classmethod
     def _from_linear(cls, lin: nn.Linear, qconfig):
         mod = cls(lin.in_features, lin.out_features, lin.bias is not None, qconfig=None, device="meta")
-        mod.weight = lin.weight
-        mod.bias = lin.bias
-        mod._init_fake_quant(qconfig)
-        if mod.weight_fake_quant is not None:
-            mod.weight_fake_quant.to(lin.weight.device)
-        if mod.activation_post_process is not None:
-            mod.activation_post_process.to(lin.weight.device)
-        mod.train(lin.training)
-        return mod
+        return mod._adopt(lin, qconfig)
 
     @classmethod
     def from_float(cls, mod: nn.Module, qconfig):
@@ -203,14 +207,7 @@ class QConv2d(_QATMixin, nn.Conv2d):
     @classmethod
     def _from_conv(cls, conv: nn.Conv2d, qconfig):
         mod = cls(**_conv_args(conv), qconfig=None, device="meta")
-        mod.weight = conv.weight
-        mod.bias = conv.bias
-        mod._init_fake_quant(qconfig)
-        for fq in (mod.weight_fake_quant, mod.activation_post_process):
-            if fq is not None:
-                fq.to(conv.weight.device)
-        mod.train(conv.training)
-        return mod
+        return mod._adopt(conv, qconfig)
 
     @classmethod
     def from_float(cls, mod: nn.Module, qconfig):
