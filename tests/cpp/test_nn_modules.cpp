@@ -7,6 +7,8 @@
 
 #include <cstdlib>
 #include <fstream>
+#include <functional>
+#include <string>
 
 #include "qext/nn/modules.h"
 #include "qext/qext.h"
@@ -70,6 +72,44 @@ TEST(QatModules, QConv2dFakeQuantizesWeightsPerChannel) {
   EXPECT_GE(y.min().item<float>(), 0.0f);  // fused ReLU before the output quantizer
 }
 
+// QuantStub -> ConvBnReLU2d -> QConv2d, plus a QAdd residual.
+struct ConvNetImpl : torch::nn::Module {
+  explicit ConvNetImpl(const qext::nn::QConfig& q)
+      : quant(register_module("quant", qext::nn::QuantStub(q))),
+        cbr(register_module(
+            "cbr", qext::nn::ConvBn2d(qext::nn::ConvBn2dOptions{
+                       qext::nn::QConv2dOptions{3, 8, 3, 1, 1, 1, 1, false, /*relu=*/true, q}}))),
+        conv(register_module("conv", qext::nn::QConv2d(qext::nn::QConv2dOptions{8, 8, 3, 1, 1, 1, 1,
+                                                                                true, false, q}))),
+        add(register_module("add", qext::nn::QAdd(q))) {}
+  torch::Tensor forward(const torch::Tensor& x) {
+    const torch::Tensor h = cbr->forward(quant->forward(x));
+    return add->forward(h, conv->forward(h));
+  }
+  qext::nn::QuantStub quant;
+  qext::nn::ConvBn2d cbr;
+  qext::nn::QConv2d conv;
+  qext::nn::QAdd add;
+};
+TORCH_MODULE(ConvNet);
+
+TEST(QatModules, ConvBnFoldsIntoTheFrozenConv) {
+  torch::manual_seed(3);
+  ConvNet net(qext::nn::get_qconfig("int8"));
+  const auto x = torch::randn({4, 3, 6, 6});
+  for (int i = 0; i < 3; ++i) net->forward(x);  // BN statistics move away from their init
+  net->cbr->freeze_bn_stats();
+  // Observers off too (they also observe in eval), so both forwards use the same quantizers.
+  net->cbr->weight_fake_quant->enable_observer(false);
+  net->cbr->activation_post_process->enable_observer(false);
+  const auto running_mean = net->cbr->bn->running_mean.clone();
+  const auto frozen_train = net->cbr->forward(x);
+  EXPECT_TRUE(torch::equal(net->cbr->bn->running_mean, running_mean));
+  net->eval();
+  EXPECT_TRUE(torch::allclose(net->cbr->forward(x), frozen_train));
+  EXPECT_EQ(net->cbr->step.item<int64_t>(), 4);  // training forwards only
+}
+
 TEST(QatModules, BadConfigurationIsRefused) {
   qext::nn::QuantSpec spec;
   spec.bits = 17;
@@ -78,25 +118,39 @@ TEST(QatModules, BadConfigurationIsRefused) {
   EXPECT_THROW((qext::nn::QConv2d(qext::nn::QConv2dOptions{3, 8, 3, 1, 0, 1, 2})), c10::ValueError);
 }
 
-// Writes {"x", "before.<key>", "after.<key>"} for a fresh TinyNet and one forward of x.
-TEST(QatModules, Export) {
-  const char* path = std::getenv("QEXT_NN_EXPORT");
-  if (path == nullptr) GTEST_SKIP() << "QEXT_NN_EXPORT not set";
-  torch::manual_seed(2);
-  TinyNet net(qext::nn::get_qconfig("int8"));
-  const auto x = torch::randn({32, 16});
+// Writes {"x", "y", "before.<key>", "after.<key>"} for a fresh module and two training forwards
+// (of x, then of 1.5 x: the second one updates EMA and batch-norm statistics).
+void export_two_forwards(torch::nn::Module& net,
+                         const std::function<torch::Tensor(const torch::Tensor&)>& forward,
+                         const torch::Tensor& x, const std::string& path) {
   c10::Dict<std::string, torch::Tensor> out;
   out.insert("x", x);
-  for (const auto& item : net->named_parameters())
+  for (const auto& item : net.named_parameters()) {
     out.insert("before." + item.key(), item.value().detach().clone());
-  for (const auto& item : net->named_buffers())
+  }
+  for (const auto& item : net.named_buffers())
     out.insert("before." + item.key(), item.value().clone());
-  out.insert("y", net->forward(x).detach());
-  for (const auto& item : net->named_buffers())
+  forward(x);
+  out.insert("y", forward(x * 1.5).detach());
+  for (const auto& item : net.named_buffers())
     out.insert("after." + item.key(), item.value().clone());
   const std::vector<char> bytes = torch::pickle_save(out);
   std::ofstream(path, std::ios::binary)
       .write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+}
+
+TEST(QatModules, Export) {
+  const char* dir = std::getenv("QEXT_NN_EXPORT");
+  if (dir == nullptr) GTEST_SKIP() << "QEXT_NN_EXPORT not set";
+  torch::manual_seed(2);
+  TinyNet tiny(qext::nn::get_qconfig("int8"));
+  export_two_forwards(
+      *tiny, [&](const torch::Tensor& t) { return tiny->forward(t); }, torch::randn({32, 16}),
+      std::string(dir) + "/tiny_net.pt");
+  ConvNet conv(qext::nn::get_qconfig("int8"));
+  export_two_forwards(
+      *conv, [&](const torch::Tensor& t) { return conv->forward(t); }, torch::randn({4, 3, 6, 6}),
+      std::string(dir) + "/conv_net.pt");
 }
 
 }  // namespace

@@ -129,4 +129,87 @@ torch::Tensor QConv2dImpl::forward(const torch::Tensor& x) {
   return maybe_fake_quantize(activation_post_process, y);
 }
 
+ConvBn2dImpl::ConvBn2dImpl(ConvBn2dOptions opts) : options(opts) {
+  const QConv2dOptions& c = options.conv;
+  TORCH_CHECK_VALUE(
+      c.groups >= 1 && c.in_channels % c.groups == 0 && c.out_channels % c.groups == 0,
+      "ConvBn2d: groups=", c.groups, " must divide in_channels=", c.in_channels,
+      " and out_channels=", c.out_channels);
+  const int64_t k = c.kernel_size;
+  weight =
+      register_parameter("weight", torch::empty({c.out_channels, c.in_channels / c.groups, k, k}));
+  if (c.bias) bias = register_parameter("bias", torch::empty({c.out_channels}));
+  reset_parameters(weight, bias, c.in_channels / c.groups * k * k);
+  bn = register_module("bn", torch::nn::BatchNorm2d(torch::nn::BatchNorm2dOptions(c.out_channels)
+                                                        .eps(options.eps)
+                                                        .momentum(options.momentum)));
+  step = register_buffer("step", torch::zeros({}, torch::kLong));
+  weight_fake_quant = make_fake_quantize(c.qconfig.weight);
+  activation_post_process = make_fake_quantize(c.qconfig.activation);
+  if (weight_fake_quant) register_module("weight_fake_quant", weight_fake_quant);
+  if (activation_post_process) register_module("activation_post_process", activation_post_process);
+}
+
+torch::Tensor ConvBn2dImpl::conv(const torch::Tensor& x, const torch::Tensor& w,
+                                 const torch::Tensor& b) const {
+  const QConv2dOptions& c = options.conv;
+  return torch::conv2d(x, w, b, c.stride, c.padding, c.dilation, c.groups);
+}
+
+std::pair<torch::Tensor, torch::Tensor> ConvBn2dImpl::folded_weight_bias() {
+  const torch::Tensor factor = bn->weight / torch::sqrt(bn->running_var + options.eps);
+  const torch::Tensor w_fold = weight * factor.reshape({-1, 1, 1, 1});
+  const torch::Tensor b = bias.defined() ? bias : torch::zeros_like(bn->running_mean);
+  return {w_fold, bn->bias + (b - bn->running_mean) * factor};
+}
+
+torch::Tensor ConvBn2dImpl::forward(const torch::Tensor& x) {
+  bool frozen = !is_training();
+  if (is_training()) {
+    frozen = bn_frozen_ || (options.freeze_bn_step.has_value() &&
+                            step.item<int64_t>() >= *options.freeze_bn_step);
+    const torch::NoGradGuard no_grad;
+    step.add_(1);
+  }
+  torch::Tensor y;
+  if (frozen) {
+    auto [w_fold, b_fold] = folded_weight_bias();
+    y = conv(x, maybe_fake_quantize(weight_fake_quant, w_fold), b_fold);
+  } else {
+    const torch::Tensor factor = bn->weight / torch::sqrt(bn->running_var + options.eps);
+    y = conv(x, maybe_fake_quantize(weight_fake_quant, weight * factor.reshape({-1, 1, 1, 1})), {});
+    // Undo the folding factor; the native batch norm normalises with the batch statistics and
+    // updates the running ones (Krishnamoorthi's correction, as in Python's ConvBn2d).
+    torch::Tensor y_orig = y / factor.reshape({1, -1, 1, 1});
+    if (bias.defined()) y_orig = y_orig + bias.reshape({1, -1, 1, 1});
+    {
+      const torch::NoGradGuard no_grad;
+      bn->num_batches_tracked.add_(1);
+    }
+    y = torch::batch_norm(y_orig, bn->weight, bn->bias, bn->running_mean, bn->running_var,
+                          /*training=*/true, options.momentum, options.eps,
+                          /*cudnn_enabled=*/true);
+  }
+  if (options.conv.relu) y = torch::relu(y);
+  return maybe_fake_quantize(activation_post_process, y);
+}
+
+QuantStubImpl::QuantStubImpl(const QConfig& qconfig) {
+  activation_post_process = make_fake_quantize(qconfig.activation);
+  if (activation_post_process) register_module("activation_post_process", activation_post_process);
+}
+
+torch::Tensor QuantStubImpl::forward(const torch::Tensor& x) {
+  return maybe_fake_quantize(activation_post_process, x);
+}
+
+QAddImpl::QAddImpl(const QConfig& qconfig) {
+  activation_post_process = make_fake_quantize(qconfig.activation);
+  if (activation_post_process) register_module("activation_post_process", activation_post_process);
+}
+
+torch::Tensor QAddImpl::forward(const torch::Tensor& x, const torch::Tensor& y) {
+  return maybe_fake_quantize(activation_post_process, x + y);
+}
+
 }  // namespace qext::nn
