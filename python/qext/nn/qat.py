@@ -62,6 +62,10 @@ class _QATMixin:
         self.train(float_mod.training)
         return self
 
+    def weight_bias(self):
+        """The float weight and bias that convert() quantizes."""
+        return self.weight, self.bias
+
     def _fq_weight(self, w: torch.Tensor) -> torch.Tensor:
         return w if self.weight_fake_quant is None else self.weight_fake_quant(w)
 
@@ -124,12 +128,11 @@ class QLinear(_QATMixin, nn.Linear):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self._init_fake_quant(qconfig)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._fq_output(F.linear(x, self._fq_weight(self.weight), self.bias))
+    def _linear(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self._fq_weight(self.weight), self.bias)
 
-    def weight_bias(self):
-        """The float weight and bias that convert() quantizes."""
-        return self.weight, self.bias
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._fq_output(self._linear(x))
 
     @classmethod
     def _from_linear(cls, lin: nn.Linear, qconfig):
@@ -146,7 +149,7 @@ class LinearReLU(QLinear):
     """Fused ``Linear`` + ``ReLU``: ``fake_quant(relu(linear(x, fake_quant(w))))``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._fq_output(F.relu(F.linear(x, self._fq_weight(self.weight), self.bias)))
+        return self._fq_output(F.relu(self._linear(x)))
 
     @classmethod
     def from_float(cls, mod: nn.Module, qconfig):
@@ -199,10 +202,6 @@ class QConv2d(_QATMixin, nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._fq_output(self._conv(x))
-
-    def weight_bias(self):
-        """The float weight and bias that convert() quantizes."""
-        return self.weight, self.bias
 
     @classmethod
     def _from_conv(cls, conv: nn.Conv2d, qconfig):
