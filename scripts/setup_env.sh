@@ -15,7 +15,7 @@ cd "$ROOT"
 say() { printf '[setup_env] %s\n' "$*"; }
 
 # ---------------------------------------------------------------- 1. Debian packages
-APT_PACKAGES=(cmake ninja-build ccache g++ libgtest-dev googletest dataset-fashion-mnist)
+APT_PACKAGES=(cmake ninja-build ccache g++ libgtest-dev googletest zlib1g-dev dataset-fashion-mnist)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

@@ -27,6 +27,7 @@ from .quantization import (
 )
 
 from .functional import dequantize, fake_quantize, fake_quantize_learnable, quantize
+from .export import ModelFileError, TraceMismatchError, load_torchscript, save_torchscript
 
 __version__ = _C.version()
 
@@ -64,6 +65,7 @@ __all__ = [
     "quantize",
     "set_module_names",
     "with_cuda",
+    "ModelFileError", "TraceMismatchError", "load_torchscript", "save_torchscript",
 ]
 
 

@@ -33,6 +33,8 @@ from .nn import quantized as nnq
 from .nn.fused import FUSED_TYPES, FusedConvBn2d, FusedConvBnReLU2d, FusedConvReLU2d, FusedLinearReLU
 from .nn.qat import (
     QAT_MODULES,
+    AdaptiveAvgPool2d,
+    AvgPool2d,
     ConvBn2d,
     ConvBnReLU2d,
     ConvReLU2d,
@@ -104,6 +106,8 @@ _QAT_SWAP: dict = {
     FusedConvBnReLU2d: ConvBnReLU2d,
     FusedConvReLU2d: ConvReLU2d,
     FusedLinearReLU: LinearReLU,
+    nn.AvgPool2d: AvgPool2d,
+    nn.AdaptiveAvgPool2d: AdaptiveAvgPool2d,
     **_ao_types(),
 }
 
@@ -467,6 +471,11 @@ def _convert_module(mod: nn.Module, name: str) -> nn.Module:
         return nnq.DeQuantize()
     elif isinstance(mod, QAdd):
         new = nnq.QAdd(*_activation_qparams(mod, name))
+    elif isinstance(mod, AvgPool2d):
+        new = nnq.AvgPool2d(mod.kernel_size, mod.stride, mod.padding, mod.ceil_mode, mod.count_include_pad,
+                            mod.divisor_override, *_activation_qparams(mod, name))
+    elif isinstance(mod, AdaptiveAvgPool2d):
+        new = nnq.AdaptiveAvgPool2d(mod.output_size, *_activation_qparams(mod, name))
     elif isinstance(mod, (QLinear, QConv2d, ConvBn2d)):
         w, b = mod.weight_bias()
         w = w.detach()

@@ -4,6 +4,8 @@ and (``qext.nn.quantized``) the converted integer modules."""
 from . import quantized
 from .fused import FusedConvBn2d, FusedConvBnReLU2d, FusedConvReLU2d, FusedLinearReLU
 from .qat import (
+    AdaptiveAvgPool2d,
+    AvgPool2d,
     ConvBn2d,
     ConvBnReLU2d,
     ConvReLU2d,
@@ -16,6 +18,8 @@ from .qat import (
 )
 
 __all__ = [
+    "AdaptiveAvgPool2d",
+    "AvgPool2d",
     "ConvBn2d",
     "ConvBnReLU2d",
     "ConvReLU2d",

@@ -456,6 +456,48 @@ class QAdd(_QATMixin, nn.Module):
         return add
 
 
+class _QATPool(_QATMixin):
+    """An average pool that fake-quantizes its output with its own quantizer (``activation_post_process``),
+    so that the converted pool (``qext.nn.quantized.AvgPool2d`` / ``AdaptiveAvgPool2d``) rounds the mean
+    of its integer inputs to exactly the grid the QAT model trained with."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._fq_output(super().forward(x))
+
+    @classmethod
+    def from_float(cls, mod: nn.Module, qconfig):
+        _check_type(mod, cls._FLOAT_TYPES, cls.__name__)
+        pool = cls(**{k: getattr(mod, k) for k in cls._POOL_ARGS}, qconfig=qconfig)
+        dev = _module_device(mod)
+        if dev is not None:
+            pool.to(dev)
+        pool.train(mod.training)
+        return pool
+
+
+class AvgPool2d(_QATPool, nn.AvgPool2d):
+    """``nn.AvgPool2d`` with a fake-quantized output."""
+
+    _FLOAT_TYPES = (nn.AvgPool2d,)
+    _POOL_ARGS = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
+
+    def __init__(self, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
+                 divisor_override=None, qconfig=None):
+        nn.AvgPool2d.__init__(self, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
+        self._init_fake_quant(qconfig, weight=False)
+
+
+class AdaptiveAvgPool2d(_QATPool, nn.AdaptiveAvgPool2d):
+    """``nn.AdaptiveAvgPool2d`` with a fake-quantized output."""
+
+    _FLOAT_TYPES = (nn.AdaptiveAvgPool2d,)
+    _POOL_ARGS = ("output_size",)
+
+    def __init__(self, output_size, qconfig=None):
+        nn.AdaptiveAvgPool2d.__init__(self, output_size)
+        self._init_fake_quant(qconfig, weight=False)
+
+
 class _Never:  # stands in for a torch.ao type that this torch does not have
     pass
 
@@ -475,4 +517,7 @@ def _module_device(mod: nn.Module):
     return None
 
 
-QAT_MODULES = (QLinear, LinearReLU, QConv2d, ConvReLU2d, ConvBn2d, ConvBnReLU2d, QuantStub, DeQuantStub, QAdd)
+QAT_MODULES = (
+    QLinear, LinearReLU, QConv2d, ConvReLU2d, ConvBn2d, ConvBnReLU2d, QuantStub, DeQuantStub, QAdd, AvgPool2d,
+    AdaptiveAvgPool2d,
+)

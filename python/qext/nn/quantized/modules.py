@@ -1,4 +1,4 @@
-"""Converted (integer) modules: the reference integer path.
+"""Converted (integer) modules.
 
 Weights are stored as integers (``weight``: int8 for ranges of at most 8 bits, int32 beyond) with float32
 scales and int32 zero points, per output channel or per tensor. Between modules, activations travel as
@@ -6,16 +6,21 @@ PyTorch per-tensor affine quantized tensors (``torch.quint8`` / ``torch.qint8`` 
 float model's parameter-free modules (``MaxPool2d``, ``Flatten``, ``ReLU``, ``Dropout`` in eval, ...) keep
 working on them unchanged.
 
-``Linear`` / ``Conv2d`` with a quantized input compute as the integer kernels will (Jacob et al. 2018):
+``Linear`` / ``Conv2d`` compute as Jacob et al. (2018):
 
-    acc   = sum((q_x - z_x) * (q_w - z_w)) + bias_q,   bias_q = round(bias / (s_x * s_w))   (int32)
-    q_out = clamp(round(acc * (s_x * s_w / s_out)) + z_out, qmin, qmax)    (ReLU: clamp at z_out first)
+    acc   = sum((q_x - z_x) * q_w) + bias_q,   bias_q = round(bias / (s_x * s_w))   (int32)
+    q_out = clamp(requantize(acc, s_x * s_w / s_out) + z_out, qmin, qmax)    (ReLU: clamp at z_out)
 
-The integer products and sums are carried out exactly in float64 ("integer-valued float compute"); the
-requantization multiplier ``s_x * s_w / s_out`` is applied in float64 (the integer kernels will use a
-fixed-point multiplier and shift). ``bias_q`` depends on the input scale, which an eager model only knows at
-run time: the float32 ``bias`` is stored and ``bias_q`` is computed for the input scale seen and cached
-(``bias_int32(input_scale)``).
+Integer kernels (``torch.ops.qext.quantized_linear`` / ``quantized_conv2d``: AVX2 / AVX-512 VNNI / AMX on
+CPU, tensor cores on CUDA) run every layer whose weights are 8-bit symmetric (zero point 0) and whose output
+is 8-bit or float, on 8-bit quantized inputs; the weights are packed once, at convert time (and again
+after a state dict is loaded: the packed copy is not part of the state dict). Requantization is by a
+fixed-point multiplier and shift (``qext::kernels::requantize``). ``bias_q`` depends on the input scale,
+which an eager model knows at run time only, so the kernels derive it (and the multipliers) per call.
+
+Everything else runs the reference integer path (``reference_forward``): the same integer products and sums,
+carried out exactly in float64, requantized in float64 (round half to even). The two agree exactly except
+where ``acc * multiplier`` lies within the fixed-point rounding of a .5 tie (one output step apart, rare).
 
 A float input (no ``Quantize`` in front, as in the QAT model) runs the layer in float32 with the
 dequantized weights, exactly as the fake-quant model did, and the output is quantized as usual.
@@ -33,6 +38,14 @@ from ...functional import dequantize, fake_quantize, quantize
 from .. import _utils
 
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
+
+
+def _is_8bit(x) -> bool:
+    return isinstance(x, torch.Tensor) and x.is_quantized and x.dtype in (torch.quint8, torch.qint8)
+
+
+def _pair(v) -> list:
+    return list(v) if isinstance(v, (tuple, list)) else [v, v]
 
 
 def _quantize_output(y: torch.Tensor, scale, zero_point, quant_min: int, quant_max: int) -> torch.Tensor:
@@ -57,6 +70,15 @@ class _QuantizedBase(nn.Module):
     @property
     def output_quantized(self) -> bool:
         return self.scale is not None
+
+    def _output_is_8bit(self) -> bool:
+        return self.scale is not None and _utils.range_bits(self.out_quant_min, self.out_quant_max) <= 8
+
+    def _output_args(self):
+        """(scale, zero point, min, max) of the output for the integer ops; scale None: float output."""
+        if self.scale is None:
+            return None, 0, 0, 0
+        return float(self.scale[0]), int(self.zero_point[0]), self.out_quant_min, self.out_quant_max
 
     def _finish(self, y: torch.Tensor) -> torch.Tensor:
         if self.scale is None:
@@ -116,7 +138,74 @@ class QAdd(_QuantizedBase):
         self._init_output(scale, zero_point, quant_min, quant_max)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.scale is not None and _is_8bit(x) and _is_8bit(y) and self._output_is_8bit():
+            return torch.ops.qext.quantized_add(x, y, *self._output_args())
+        return self.reference_forward(x, y)
+
+    def reference_forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self._finish(_utils.dequantize_any(x) + _utils.dequantize_any(y))
+
+
+# --------------------------------------------------------------------------------------------------
+# Average pooling
+# --------------------------------------------------------------------------------------------------
+
+
+class _Pool(_QuantizedBase):
+    """Average pool of a quantized input, requantized to the pool's own output parameters (those of the
+    QAT pool's output quantizer): ``round(mean(q - z_x) * s_x / s_out) + z_out`` in integers."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scale is not None and _is_8bit(x) and self._output_is_8bit():
+            return self._kernel_forward(x)
+        return self.reference_forward(x)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The QAT computation: the float pool of the dequantized input, quantized."""
+        return self._finish(self._float_pool(_utils.dequantize_any(x)))
+
+
+class AvgPool2d(_Pool):
+    """Converted ``AvgPool2d`` (from ``qext.nn.AvgPool2d``)."""
+
+    def __init__(self, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
+                 divisor_override=None, scale=None, zero_point=None, quant_min=None, quant_max=None):
+        super().__init__()
+        self.pool = nn.AvgPool2d(kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
+        self._init_output(scale, zero_point, quant_min, quant_max)
+
+    def _float_pool(self, x):
+        return self.pool(x)
+
+    def _kernel_forward(self, x):
+        p = self.pool
+        return torch.ops.qext.quantized_avg_pool2d(
+            x, _pair(p.kernel_size), _pair(p.stride), _pair(p.padding), p.ceil_mode, p.count_include_pad,
+            p.divisor_override, *self._output_args()
+        )
+
+    def extra_repr(self) -> str:
+        return self.pool.extra_repr()
+
+
+class AdaptiveAvgPool2d(_Pool):
+    """Converted ``AdaptiveAvgPool2d`` (from ``qext.nn.AdaptiveAvgPool2d``)."""
+
+    def __init__(self, output_size, scale=None, zero_point=None, quant_min=None, quant_max=None):
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(output_size)
+        self._init_output(scale, zero_point, quant_min, quant_max)
+
+    def _float_pool(self, x):
+        return self.pool(x)
+
+    def _kernel_forward(self, x):
+        size = _pair(self.pool.output_size)
+        size = [x.shape[-2 + i] if v is None else v for i, v in enumerate(size)]
+        return torch.ops.qext.quantized_adaptive_avg_pool2d(x, size, *self._output_args())
+
+    def extra_repr(self) -> str:
+        return self.pool.extra_repr()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -216,7 +305,41 @@ class _WeightedBase(_QuantizedBase):
     def _acc_view(self, t: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def _init_kernel(self) -> None:
+        """Packs the weights for the integer kernels when the layer fits them (8-bit symmetric weights,
+        8-bit or float output); ``packed_weight`` stays None otherwise."""
+        fits = (
+            self.weight_quantized
+            and self.weight.dtype == torch.int8
+            and bool((self.weight_zero_point == 0).all())
+            and (self.scale is None or self._output_is_8bit())
+        )
+        packed = row_sums = None
+        if fits:
+            packed, row_sums = torch.ops.qext.pack_quantized_weight(self.weight.cpu(), self._groups())
+            packed, row_sums = packed.to(self.weight.device), row_sums.to(self.weight.device)
+        # Derived from ``weight``: kept out of the state dict, rebuilt after loading one.
+        self.register_buffer("packed_weight", packed, persistent=False)
+        self.register_buffer("row_sums", row_sums, persistent=False)
+
+    def _groups(self) -> int:
+        return 1
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._bias_cache = None
+        self._init_kernel()
+
+    def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed_weight is not None and x.is_quantized and x.dtype in (torch.quint8, torch.qint8):
+            return self._kernel_forward(x)
+        return self.reference_forward(x)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The reference integer path (float64 integer arithmetic) or, for float inputs, the float path."""
         if isinstance(x, torch.Tensor) and x.is_quantized and self.weight_quantized:
             q_x, s_x, z_x = _utils.qtensor_levels(x)
             xc = q_x.to(torch.float64) - z_x
@@ -261,6 +384,12 @@ class Linear(_WeightedBase):
         self.in_features, self.out_features = int(weight.shape[1]), int(weight.shape[0])
         self._init_weight(weight, bias, w_scale, w_zero_point, w_quant_min, w_quant_max, w_axis, relu)
         self._init_output(scale, zero_point, quant_min, quant_max)
+        self._init_kernel()
+
+    def _kernel_forward(self, x):
+        return torch.ops.qext.quantized_linear(
+            x, self.packed_weight, self.row_sums, self.weight_scale, self.bias, *self._output_args(), self.relu
+        )
 
     def _integer_matmul(self, xc, wc):
         return F.linear(xc, wc)
@@ -294,12 +423,25 @@ class Conv2d(_WeightedBase):
             self._reversed_padding_repeated_twice = [p for p in reversed(self.padding) for _ in range(2)]
         self._init_weight(weight, bias, w_scale, w_zero_point, w_quant_min, w_quant_max, w_axis, relu)
         self._init_output(scale, zero_point, quant_min, quant_max)
+        self._init_kernel()
 
     def _conv(self, x, w, b):
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             return F.conv2d(x, w, b, self.stride, 0, self.dilation, self.groups)
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+
+    def _groups(self) -> int:
+        return self.groups
+
+    def _kernel_forward(self, x):
+        depthwise = self.groups > 1 and self.groups == self.in_channels == self.out_channels
+        if self.padding_mode != "zeros" or isinstance(self.padding, str) or (depthwise and self.scale is None):
+            return self.reference_forward(x)
+        return torch.ops.qext.quantized_conv2d(
+            x, self.packed_weight, self.row_sums, self.weight_scale, self.bias, self.kernel_size, self.stride,
+            self.padding, self.dilation, self.groups, *self._output_args(), self.relu
+        )
 
     def _integer_matmul(self, xc, wc):
         # Zero padding of (q_x - z_x) is padding q_x with its zero point; replicate / reflect / circular
@@ -395,4 +537,4 @@ class DynamicLinear(nn.Module):
                 f"activation=per-batch affine [{self.act_quant_min}, {self.act_quant_max}]")
 
 
-QUANTIZED_MODULES = (Quantize, DeQuantize, QAdd, Linear, Conv2d, DynamicLinear)
+QUANTIZED_MODULES = (Quantize, DeQuantize, QAdd, Linear, Conv2d, DynamicLinear, AvgPool2d, AdaptiveAvgPool2d)

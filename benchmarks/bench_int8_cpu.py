@@ -1,0 +1,244 @@
+#!/usr/bin/env python3
+"""Integer-only CPU inference: qext's int8 kernels against PyTorch's own int8 engines and fp32, one process.
+
+Sections (every variant gets the same inputs, the same thread count, set explicitly; timings are medians of
+``--reps`` calls taken round-robin, one call of each variant in turn, so that the machine's noise hits all
+alike):
+
+  linear   quantized Linear on M x K -> N = 1x1024->1024, 64x1024->1024, 256x512->512: qext
+           ``quantized_linear`` (the ISA qext picks, and each ISA this CPU runs) vs torch.ao.nn.quantized.Linear
+           on the fbgemm, x86 and onednn engines, and fp32 F.linear (MKL). uint8 input, per-channel int8
+           weights, requantized uint8 output for all int8 variants. Also GMAC/s against the AVX2 int8 peak
+           (32 MAC / cycle / core at ``--ghz``).
+  conv     3x3 convolution 8x64x56x56 -> 64 (padding 1), channels-last and NCHW inputs, the same engines.
+  model    the Fashion-MNIST CNN of examples/fashion_mnist_workflow.py (32-64-64 conv-BN-ReLU, two
+           max-pools, 128-unit hidden layer) at batch 1 and 64: fp32 eval model, qext.convert of its
+           calibrated qext.prepare model, torch.ao's converted model (x86 engine) of the same net.
+
+Targets (issue 4): linear >= 1.0x the fastest torch int8 engine at M >= 64 and >= 70% of the AVX2 peak;
+conv >= 1.0x the fastest torch int8 conv; model >= 2x fp32 and >= 1.0x torch.ao's converted model.
+
+Prints Markdown tables and writes JSON (default results/bench_int8_cpu.json). A program, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT / "examples"))
+
+try:
+    import qext
+except ImportError as exc:  # pragma: no cover - a set-up problem
+    sys.exit(f"error: cannot import qext ({exc}); run `bash scripts/setup_env.sh` first")
+
+from fashion_mnist_workflow import AO_FUSE_GROUPS, make_cnn, to_ao_stubs  # noqa: E402
+
+ops = torch.ops.qext
+ENGINES = [e for e in ("fbgemm", "x86", "onednn") if e in torch.backends.quantized.supported_engines]
+
+
+def time_round_robin(fns: dict, reps: int, warmup: int = 3) -> dict:
+    """Median seconds per call of each fn, calls interleaved."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def with_engine(engine: str, fn):
+    def run():
+        torch.backends.quantized.engine = engine
+        return fn()
+
+    return run
+
+
+def with_isa(isa: str, fn):
+    def run():
+        qext._C.set_int8_isa(isa)
+        try:
+            return fn()
+        finally:
+            qext._C.set_int8_isa("auto")
+
+    return run
+
+
+# ------------------------------------------------------------------------------------------- linear
+def linear_variants(M: int, K: int, N: int) -> dict:
+    g = torch.Generator().manual_seed(M + K + N)
+    x = torch.randn(M, K, generator=g)
+    w = torch.randn(N, K, generator=g)
+    bias = torch.randn(N, generator=g)
+    w_scale = (w.abs().amax(1) / 127).double()
+    qx = torch.quantize_per_tensor(x, float(x.abs().max() / 127), 128, torch.quint8)
+    qw = torch.quantize_per_channel(w, w_scale, torch.zeros(N, dtype=torch.long), 0, torch.qint8)
+    out_scale = float((x @ w.t()).abs().max() / 127)
+    packed, sums = ops.pack_quantized_weight(qw.int_repr(), 1)
+    ws = w_scale.float()
+
+    def qext_linear():
+        return ops.quantized_linear(qx, packed, sums, ws, bias, out_scale, 128, 0, 255, False)
+
+    fns = {"qext": qext_linear}
+    for isa in qext._C.supported_int8_isas():
+        if isa != "scalar":
+            fns[f"qext[{isa}]"] = with_isa(isa, qext_linear)
+    for eng in ENGINES:
+        torch.backends.quantized.engine = eng
+        lin = torch.ao.nn.quantized.Linear(K, N)
+        lin.set_weight_bias(qw, bias)
+        lin.scale, lin.zero_point = out_scale, 128
+        fns[f"torch {eng}"] = with_engine(eng, lambda lin=lin: lin(qx))
+    fns["fp32"] = lambda: F.linear(x, w, bias)
+    return fns
+
+
+def conv_variants(channels_last: bool) -> dict:
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(8, 64, 56, 56, generator=g)
+    w = torch.randn(64, 64, 3, 3, generator=g) * 0.05
+    bias = torch.randn(64, generator=g)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    qx = torch.quantize_per_tensor(x, 0.03, 128, torch.quint8).contiguous(memory_format=fmt)
+    w_scale = (w.abs().amax((1, 2, 3)) / 127).double()
+    qw = torch.quantize_per_channel(w, w_scale, torch.zeros(64, dtype=torch.long), 0, torch.qint8)
+    packed, sums = ops.pack_quantized_weight(qw.int_repr(), 1)
+    ws = w_scale.float()
+    fns = {
+        "qext": lambda: ops.quantized_conv2d(qx, packed, sums, ws, bias, [3, 3], [1, 1], [1, 1], [1, 1], 1,
+                                            0.2, 128, 0, 255, False)
+    }
+    for eng in ENGINES:
+        torch.backends.quantized.engine = eng
+        conv = torch.ao.nn.quantized.Conv2d(64, 64, 3, padding=1)
+        conv.set_weight_bias(qw, bias)
+        conv.scale, conv.zero_point = 0.2, 128
+        fns[f"torch {eng}"] = with_engine(eng, lambda conv=conv: conv(qx))
+    xf = x.contiguous(memory_format=fmt)
+    fconv = torch.nn.Conv2d(64, 64, 3, padding=1).eval()
+    with torch.no_grad():
+        fconv.weight.copy_(w)
+        fconv.bias.copy_(bias)
+    fconv = fconv.to(memory_format=fmt)
+    fns["fp32"] = lambda: fconv(xf)
+    return fns
+
+
+# -------------------------------------------------------------------------------------------- model
+def model_variants(batch: int, calib: torch.Tensor) -> dict:
+    import torch.ao.quantization as tq
+
+    torch.manual_seed(0)
+    fp32 = make_cnn().eval()
+    with torch.no_grad():  # settle the BN statistics on the calibration images
+        fp32.train()
+        fp32(calib)
+        fp32.eval()
+    prepared = qext.prepare(qext.fuse(copy.deepcopy(fp32)), qext.get_qconfig("int8"))
+    qext.calibrate(prepared, [calib])
+    ours = qext.convert(prepared)
+
+    torch.backends.quantized.engine = "x86"
+    ao = to_ao_stubs(fp32).eval()
+    ao = tq.fuse_modules(ao, AO_FUSE_GROUPS)
+    ao.qconfig = tq.get_default_qconfig("x86")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tq.prepare(ao, inplace=True)
+        ao(calib)
+        tq.convert(ao, inplace=True)
+
+    x = calib[:batch].clone()
+    return {
+        "qext int8": lambda: ours(x),
+        "torch.ao x86": with_engine("x86", lambda: ao(x)),
+        "fp32": lambda: fp32(x),
+    }
+
+
+def table(title: str, rows: list, columns: list) -> str:
+    out = [f"\n### {title}\n", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    out += ["| " + " | ".join(str(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--ghz", type=float, default=3.0, help="clock for the AVX2 peak (32 MAC/cycle/core)")
+    ap.add_argument("--sections", default="linear,conv,model")
+    ap.add_argument("--json", default=str(REPO_ROOT / "results" / "bench_int8_cpu.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    sections = set(args.sections.split(","))
+    peak = 32 * args.ghz * args.threads
+    result = {"threads": args.threads, "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+              "qext_isas": qext._C.supported_int8_isas(), "avx2_peak_gmacs": peak}
+    report = [f"threads={args.threads}, torch {torch.__version__}, qext ISAs {qext._C.supported_int8_isas()}"]
+
+    with torch.no_grad():
+        if "linear" in sections:
+            rows = []
+            for M, K, N in ((1, 1024, 1024), (64, 1024, 1024), (256, 512, 512)):
+                t = time_round_robin(linear_variants(M, K, N), args.reps)
+                best_torch = min(v for k, v in t.items() if k.startswith("torch"))
+                for k, v in t.items():
+                    gmacs = M * K * N / v / 1e9
+                    rows.append({"shape": f"{M}x{K}->{N}", "variant": k, "us": f"{v * 1e6:.1f}",
+                                 "GMAC/s": f"{gmacs:.1f}", "% AVX2 peak": f"{100 * gmacs / peak:.0f}",
+                                 "vs fastest torch int8": f"{best_torch / v:.2f}x"})
+            result["linear"] = rows
+            report.append(table("int8 Linear", rows, ["shape", "variant", "us", "GMAC/s", "% AVX2 peak", "vs fastest torch int8"]))
+        if "conv" in sections:
+            rows = []
+            macs = 8 * 64 * 56 * 56 * 64 * 9
+            for cl in (True, False):
+                t = time_round_robin(conv_variants(cl), max(5, args.reps // 3))
+                best_torch = min(v for k, v in t.items() if k.startswith("torch"))
+                for k, v in t.items():
+                    rows.append({"input": "channels_last" if cl else "NCHW", "variant": k, "ms": f"{v * 1e3:.2f}",
+                                 "GMAC/s": f"{macs / v / 1e9:.1f}", "vs fastest torch int8": f"{best_torch / v:.2f}x"})
+            result["conv"] = rows
+            report.append(table("3x3 conv 8x64x56x56 -> 64", rows, ["input", "variant", "ms", "GMAC/s", "vs fastest torch int8"]))
+        if "model" in sections:
+            rows = []
+            calib = torch.randn(64, 1, 28, 28)
+            for batch in (1, 64):
+                t = time_round_robin(model_variants(batch, calib), args.reps)
+                for k, v in t.items():
+                    rows.append({"batch": batch, "variant": k, "ms": f"{v * 1e3:.3f}",
+                                 "speed-up vs fp32": f"{t['fp32'] / v:.2f}x",
+                                 "vs torch.ao": f"{t['torch.ao x86'] / v:.2f}x"})
+            result["model"] = rows
+            report.append(table("Fashion-MNIST CNN end to end", rows, ["batch", "variant", "ms", "speed-up vs fp32", "vs torch.ao"]))
+    print("\n".join(report))
+    os.makedirs(os.path.dirname(args.json), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

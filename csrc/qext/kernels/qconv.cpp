@@ -1,0 +1,169 @@
+// im2col, weight layouts and the scalar depthwise reference of the converted convolution (qconv.h).
+#include "qext/kernels/qconv.h"
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "qext/kernels/qconv_isa.h"
+
+namespace qext::kernels {
+
+int64_t Conv2dGeometry::group_k() const { return kernel_h * kernel_w * (in_channels / groups); }
+
+namespace {
+
+// Copies n bytes with every byte XORed with flip (a plain memcpy when flip is 0).
+inline void copy_flip(uint8_t* dst, const uint8_t* src, int64_t n, uint8_t flip) {
+  if (flip == 0) {
+    std::memcpy(dst, src, static_cast<size_t>(n));
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = src[i] ^ flip;
+  }
+}
+
+// ceil(a / b) for a >= 0, b > 0.
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The taps k in [0, kernel) whose input coordinate start + k * dilation lies in [0, size) form one
+// range [*lo, *hi) (empty: *lo == *hi).
+inline void valid_taps(int64_t start, int64_t dilation, int64_t kernel, int64_t size, int64_t* lo,
+                       int64_t* hi) {
+  int64_t l = start >= 0 ? 0 : ceil_div(-start, dilation);
+  int64_t h = start >= size ? 0 : ceil_div(size - start, dilation);
+  l = std::min(l, kernel);
+  h = std::max(std::min(h, kernel), l);
+  *lo = l;
+  *hi = h;
+}
+
+}  // namespace
+
+void im2col_u8(const uint8_t* x, const int64_t s[4], const Conv2dGeometry& g, int64_t group,
+               int64_t p0, int64_t rows, uint8_t pad_value, uint8_t flip, uint8_t* out,
+               int64_t ldo) {
+  const int64_t cg = g.in_channels / g.groups;
+  const uint8_t pad = pad_value ^ flip;
+  const uint8_t* xg = x + group * cg * s[1];
+  const bool channels_last = s[1] == 1;
+  // With channels last and the runs of neighbouring kw taps adjacent in memory (one group, dilation
+  // 1, dense pixels), the in-image taps of one kernel row are one contiguous run.
+  const bool rows_contiguous = channels_last && g.dilation_w * s[3] == cg;
+  const int64_t tap_row = g.kernel_w * cg;  // bytes of one kernel row in a GEMM row
+
+  int64_t ow = p0 % g.out_w;
+  int64_t oh = (p0 / g.out_w) % g.out_h;
+  int64_t n = p0 / (g.out_w * g.out_h);
+  for (int64_t r = 0; r < rows; ++r) {
+    uint8_t* o = out + r * ldo;
+    const uint8_t* xn = xg + n * s[0];
+    const int64_t ih0 = oh * g.stride_h - g.pad_h;
+    const int64_t iw0 = ow * g.stride_w - g.pad_w;
+    int64_t kw_lo, kw_hi;
+    valid_taps(iw0, g.dilation_w, g.kernel_w, g.in_w, &kw_lo, &kw_hi);
+    for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
+      uint8_t* ok = o + kh * tap_row;
+      const int64_t ih = ih0 + kh * g.dilation_h;
+      if (ih < 0 || ih >= g.in_h || kw_lo == kw_hi) {
+        std::memset(ok, pad, static_cast<size_t>(tap_row));
+        continue;
+      }
+      const uint8_t* xrow = xn + ih * s[2];
+      std::memset(ok, pad, static_cast<size_t>(kw_lo * cg));
+      if (rows_contiguous) {
+        copy_flip(ok + kw_lo * cg, xrow + (iw0 + kw_lo * g.dilation_w) * s[3], (kw_hi - kw_lo) * cg,
+                  flip);
+      } else if (channels_last) {
+        for (int64_t kw = kw_lo; kw < kw_hi; ++kw) {
+          copy_flip(ok + kw * cg, xrow + (iw0 + kw * g.dilation_w) * s[3], cg, flip);
+        }
+      } else {
+        for (int64_t kw = kw_lo; kw < kw_hi; ++kw) {
+          const uint8_t* xp = xrow + (iw0 + kw * g.dilation_w) * s[3];
+          uint8_t* op = ok + kw * cg;
+          for (int64_t c = 0; c < cg; ++c) op[c] = xp[c * s[1]] ^ flip;
+        }
+      }
+      std::memset(ok + kw_hi * cg, pad, static_cast<size_t>((g.kernel_w - kw_hi) * cg));
+    }
+    if (++ow == g.out_w) {
+      ow = 0;
+      if (++oh == g.out_h) {
+        oh = 0;
+        ++n;
+      }
+    }
+  }
+}
+
+void conv_weight_to_gemm(const int8_t* w, const Conv2dGeometry& g, int64_t group, int8_t* out) {
+  const int64_t cg = g.in_channels / g.groups;
+  const int64_t og = g.out_channels / g.groups;
+  const int64_t taps = g.kernel_h * g.kernel_w;
+  const int64_t k = g.group_k();
+  for (int64_t o = 0; o < og; ++o) {
+    const int8_t* wo = w + (group * og + o) * cg * taps;  // [cg][kh][kw] of this output channel
+    int8_t* row = out + o * k;
+    for (int64_t t = 0; t < taps; ++t) {
+      for (int64_t c = 0; c < cg; ++c) row[t * cg + c] = wo[c * taps + t];
+    }
+  }
+}
+
+void depthwise_weight_to_hwc(const int8_t* w, const Conv2dGeometry& g, int8_t* w_hwc) {
+  const int64_t channels = g.out_channels;
+  const int64_t taps = g.kernel_h * g.kernel_w;
+  for (int64_t c = 0; c < channels; ++c) {
+    for (int64_t t = 0; t < taps; ++t) w_hwc[t * channels + c] = w[c * taps + t];
+  }
+}
+
+namespace detail {
+
+void depthwise_conv2d_scalar(const uint8_t* x, const Conv2dGeometry& g, const int8_t* w_hwc,
+                             const RequantEpilogue& ep, int64_t n, int64_t oh0, int64_t oh1,
+                             uint8_t* y) {
+  const int64_t channels = g.in_channels;
+  std::vector<int32_t> acc(static_cast<size_t>(channels));
+  for (int64_t oh = oh0; oh < oh1; ++oh) {
+    const int64_t ih0 = oh * g.stride_h - g.pad_h;
+    int64_t kh_lo, kh_hi;
+    valid_taps(ih0, g.dilation_h, g.kernel_h, g.in_h, &kh_lo, &kh_hi);
+    for (int64_t ow = 0; ow < g.out_w; ++ow) {
+      const int64_t iw0 = ow * g.stride_w - g.pad_w;
+      int64_t kw_lo, kw_hi;
+      valid_taps(iw0, g.dilation_w, g.kernel_w, g.in_w, &kw_lo, &kw_hi);
+      for (int64_t c = 0; c < channels; ++c) acc[c] = ep.bias ? ep.bias[c] : 0;
+      for (int64_t kh = kh_lo; kh < kh_hi; ++kh) {
+        const int64_t ih = ih0 + kh * g.dilation_h;
+        for (int64_t kw = kw_lo; kw < kw_hi; ++kw) {
+          const int64_t iw = iw0 + kw * g.dilation_w;
+          const uint8_t* xp = x + ((n * g.in_h + ih) * g.in_w + iw) * channels;
+          const int8_t* wp = w_hwc + (kh * g.kernel_w + kw) * channels;
+          for (int64_t c = 0; c < channels; ++c) {
+            acc[c] += (static_cast<int32_t>(xp[c]) - ep.a_zero_point) * static_cast<int32_t>(wp[c]);
+          }
+        }
+      }
+      uint8_t* yp = y + ((n * g.out_h + oh) * g.out_w + ow) * channels;
+      for (int64_t c = 0; c < channels; ++c) {
+        yp[c] = static_cast<uint8_t>(
+            requantize(acc[c], ep.multiplier[c], ep.out_zero_point, ep.out_min, ep.out_max));
+      }
+    }
+  }
+}
+
+}  // namespace detail
+
+void depthwise_conv2d_u8s8(Isa isa, const uint8_t* x, const Conv2dGeometry& g, const int8_t* w_hwc,
+                           const RequantEpilogue& ep, int64_t n, int64_t oh0, int64_t oh1,
+                           uint8_t* y) {
+  if (isa == Isa::kScalar) {
+    detail::depthwise_conv2d_scalar(x, g, w_hwc, ep, n, oh0, oh1, y);
+  } else {
+    detail::depthwise_conv2d_avx2(x, g, w_hwc, ep, n, oh0, oh1, y);
+  }
+}
+
+}  // namespace qext::kernels

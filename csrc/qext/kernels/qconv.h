@@ -1,0 +1,68 @@
+// Framework-free pieces of the converted (int8) 2-d convolution. A general convolution is lowered
+// to the integer GEMM of qgemm.h: im2col_u8 gathers the input patches of some output positions into
+// GEMM rows, conv_weight_to_gemm lays the weight out as the matching GEMM weight (then
+// pack_weight). Depthwise convolution has too little reduction per output (kernel_h * kernel_w
+// taps) for a GEMM to pay off, so it has its own direct kernel with the same numerics as the
+// lowered form.
+//
+// Raw pointers in and out, no threads: the caller splits the work (rows, images, output rows) and
+// runs the pieces in parallel.
+#pragma once
+
+#include <cstdint>
+
+#include "qext/kernels/qgemm.h"
+
+namespace qext::kernels {
+
+// Shape of one convolution: input [batch][in_channels][in_h][in_w], weight
+// [out_channels][in_channels / groups][kernel_h][kernel_w], output
+// [batch][out_channels][out_h][out_w]. out_h / out_w are given (the caller computes them the torch
+// way) so that every kernel agrees on them.
+struct Conv2dGeometry {
+  int64_t batch, in_channels, in_h, in_w, out_channels, kernel_h, kernel_w;
+  int64_t stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, groups, out_h, out_w;
+  int64_t group_k() const;  // kernel_h * kernel_w * (in_channels / groups): the GEMM's K per group
+};
+
+// im2col rows [p0, p0 + rows) for group `group`, p = (n * out_h + oh) * out_w + ow; row r of `out`
+// (stride ldo >= group_k()) holds the taps in (kh, kw, c) order (c within the group); a tap outside
+// the image is pad_value; every byte is XORed with `flip` (0x80 turns int8 levels into uint8 ones).
+// pad_value is given in x's own encoding (the bit pattern of x's zero point), so it is flipped like
+// every other byte and the padding stays the real value 0 after the flip.
+// (kh, kw, c) order rather than torch's (c, kh, kw): with channels-last input every tap is one
+// contiguous run of channels, copied with one memcpy.
+// x element (n, c, h, w) is at x[n * s[0] + c * s[1] + h * s[2] + w * s[3]] (NCHW or NHWC alike);
+// fast path when s[1] == 1 (channels last: contiguous channel runs, memcpy/xor per tap; whole rows
+// of taps at once when the runs of neighbouring kw touch).
+void im2col_u8(const uint8_t* x, const int64_t s[4], const Conv2dGeometry& g, int64_t group,
+               int64_t p0, int64_t rows, uint8_t pad_value, uint8_t flip, uint8_t* out,
+               int64_t ldo);
+
+// Weight [out_channels][in_channels/groups][kernel_h][kernel_w] (int8) -> group `group`'s GEMM
+// weight [out_channels/groups][group_k()] in the (kh, kw, c) order of im2col_u8 (row n is the
+// output channel group * out_channels / groups + n), ready for pack_weight.
+void conv_weight_to_gemm(const int8_t* w, const Conv2dGeometry& g, int64_t group, int8_t* out);
+
+// Depthwise convolution (groups == in_channels == out_channels), channels-last uint8 input
+// x[((n * in_h + h) * in_w + w) * C + c] (levels already uint8: flip applied by caller if needed),
+// weight w_hwc[(kh * kernel_w + kw) * C + c] (int8), output rows [oh0, oh1) of image n written
+// channels-last y[((n * out_h + oh) * out_w + ow) * C + c] as requantize(sum over in-image taps of
+// (x - ep.a_zero_point) * w + bias[c]) (ep.row_sums is not used; padding contributes 0, i.e.
+// exactly what im2col with pad_value = a_zero_point + GEMM gives). isa kScalar = reference; kAvx2
+// (and kAvx512Vnni/kAmx treated as AVX2 here) vectorized over channels, bit-identical. The stored
+// byte is the low 8 bits of the requantized level, as in the GEMM's RequantEpilogue (so
+// ep.out_zero_point / out_min / out_max are in the output's own uint8 or int8 range).
+// The int32 accumulation is exact when kernel_h * kernel_w * 255 * 128 + max |bias| < 2^31 (the
+// caller checks it, e.g. with max_exact_k(max |bias|) >= kernel_h * kernel_w).
+void depthwise_conv2d_u8s8(Isa isa, const uint8_t* x, const Conv2dGeometry& g, const int8_t* w_hwc,
+                           const RequantEpilogue& ep, int64_t n, int64_t oh0, int64_t oh1,
+                           uint8_t* y);
+
+// Depthwise weight [C][1][kernel_h][kernel_w] -> the tap-major w_hwc of depthwise_conv2d_u8s8, in
+// which one tap's weights for consecutive channels are contiguous (one vector load per tap and
+// channel block).
+void depthwise_weight_to_hwc(const int8_t* w /*[C][1][kh][kw]*/, const Conv2dGeometry& g,
+                             int8_t* w_hwc);
+
+}  // namespace qext::kernels

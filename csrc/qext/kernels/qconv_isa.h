@@ -1,0 +1,28 @@
+// Per-ISA entry points behind the convolution and elementwise kernels (qconv.h, qelementwise.h).
+// The AVX2 ones live in qconv_avx2.cpp, compiled with -mavx2 -mfma (CMakeLists.txt), and are called
+// only when isa_supported(Isa::kAvx2) says so.
+#pragma once
+
+#include <cstdint>
+
+#include "qext/kernels/qconv.h"
+#include "qext/kernels/qelementwise.h"
+
+namespace qext::kernels::detail {
+
+// The scalar references (qconv.cpp, qelementwise.cpp).
+void depthwise_conv2d_scalar(const uint8_t* x, const Conv2dGeometry& g, const int8_t* w_hwc,
+                             const RequantEpilogue& ep, int64_t n, int64_t oh0, int64_t oh1,
+                             uint8_t* y);
+void add_u8_scalar(const uint8_t* a, const uint8_t* b, int64_t n, const AddParams& p, uint8_t* out,
+                   uint8_t a_flip, uint8_t b_flip, uint8_t out_flip);
+
+// AVX2 (qconv_avx2.cpp); bit-identical to the references, which they call for the cases their
+// vector arithmetic does not cover (documented there).
+void depthwise_conv2d_avx2(const uint8_t* x, const Conv2dGeometry& g, const int8_t* w_hwc,
+                           const RequantEpilogue& ep, int64_t n, int64_t oh0, int64_t oh1,
+                           uint8_t* y);
+void add_u8_avx2(const uint8_t* a, const uint8_t* b, int64_t n, const AddParams& p, uint8_t* out,
+                 uint8_t a_flip, uint8_t b_flip, uint8_t out_flip);
+
+}  // namespace qext::kernels::detail

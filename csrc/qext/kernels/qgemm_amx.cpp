@@ -1,0 +1,337 @@
+// AMX-INT8 path of the integer GEMM (qgemm.h). Compiled with AVX-512 + -mamx-tile -mamx-int8 (see
+// CMakeLists.txt); reached only when amx_enable() says the CPU and the OS allow tiles.
+//
+// Eight 16 x 64-byte tile registers: tmm0..3 hold a 2 x 2 grid of int32 C tiles (a 32 x 32 block),
+// tmm4/5 two A tiles (16 rows x 64 k each), tmm6/7 two B tiles. One B tile is 16 groups of the
+// packed weight (16 columns x 64 k, stride 64 bytes), so B is read straight from packed_w. A is
+// copied into tile order (zero-padded in k to packed_k(K) and in rows to a multiple of 32), so the
+// tile loads are contiguous and nothing past A's rows is read.
+//
+// Loop order: A is taken a chunk of rows at a time (its packed panels stay in L2); for each
+// 32-column stripe of the weight (which stays in L1) the chunk's 32-row panels go through the tile
+// unit into an int32 scratch, and the shared AVX-512 epilogue then runs once per stripe over the
+// whole chunk (its per-column setup is paid per call, so tall calls are cheaper). Software
+// pipelining: the tile instructions of a block are issued first and the core spends the time the
+// tile unit needs on the previous stripe's epilogue, on packing the next chunk of A and on
+// prefetching the one after.
+#include <cpuid.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <memory>
+#include <new>
+
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+#include "qext/kernels/qgemm_isa.h"
+
+namespace qext::kernels::detail {
+namespace {
+
+constexpr int kTileRows = 16;      // rows of every tile used here
+constexpr int kTileRowBytes = 64;  // bytes per tile row
+constexpr int64_t kTileBytes = kTileRows * kTileRowBytes;
+constexpr int64_t kBlockM = 2 * kTileRows;  // rows of C per block (two A tiles)
+constexpr int64_t kBlockN = 2 * kPackN;     // columns of C per block (two B tiles)
+
+// Palette-1 tile configuration (the 64-byte memory operand of ldtilecfg).
+struct alignas(64) TileConfig {
+  uint8_t palette_id;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+static_assert(sizeof(TileConfig) == 64, "ldtilecfg reads 64 bytes");
+
+// All eight tiles are 16 rows x 64 bytes (C tiles: 16 x 16 int32).
+void configure_tiles() {
+  TileConfig cfg{};
+  cfg.palette_id = 1;
+  for (int t = 0; t < 8; ++t) {
+    cfg.colsb[t] = kTileRowBytes;
+    cfg.rows[t] = kTileRows;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+// CPUID / XCR0: AMX-TILE and AMX-INT8, the OS manages the tile state (XCR0 bits 17, 18), and
+// palette 1 has at least eight 16 x 64-byte tiles.
+bool cpu_has_amx_int8() {
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx) || !(ecx & (1u << 27))) return false;  // OSXSAVE
+  if (__get_cpuid_max(0, nullptr) < 0x1d) return false;
+  __cpuid_count(7, 0, eax, ebx, ecx, edx);
+  if (!(edx & (1u << 24)) || !(edx & (1u << 25))) return false;  // AMX-TILE, AMX-INT8
+  uint32_t xcr0_lo = 0, xcr0_hi = 0;
+  __asm__ volatile("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
+  if ((xcr0_lo & (3u << 17)) != (3u << 17)) return false;  // XTILECFG, XTILEDATA
+  __cpuid_count(0x1d, 0, eax, ebx, ecx, edx);
+  if (eax < 1) return false;  // no palette 1
+  __cpuid_count(0x1d, 1, eax, ebx, ecx, edx);
+  const unsigned bytes_per_row = ebx & 0xffff, max_names = ebx >> 16, max_rows = ecx & 0xffff;
+  return bytes_per_row >= kTileRowBytes && max_names >= 8 && max_rows >= kTileRows;
+}
+
+// The per-thread buffer holding one tile-ordered A panel.
+uint8_t* panel_buffer(size_t bytes) {
+  struct Buffer {
+    std::unique_ptr<uint8_t, decltype(&std::free)> data{nullptr, &std::free};
+    size_t size = 0;
+  };
+  thread_local Buffer buffer;
+  if (buffer.size < bytes) {
+    void* p = std::aligned_alloc(64, bytes);  // bytes is a multiple of 2048
+    if (p == nullptr) throw std::bad_alloc();
+    buffer.data.reset(static_cast<uint8_t*>(p));
+    buffer.size = bytes;
+  }
+  return buffer.data.get();
+}
+
+// Copies rows [0, rows) (rows <= 32) of A into the panel buffer: k block kb of tile t (rows
+// 16 t .. 16 t + 15) at out + (2 kb + t) * 1024, row r of the tile at + 64 r. Bytes past K and rows
+// past `rows` are zero. Masked loads: nothing past a row's K bytes is read.
+void pack_a_panel(const uint8_t* a, int64_t lda, int64_t rows, int64_t K, int64_t kblocks,
+                  uint8_t* out) {
+  const int64_t full = K / kTileRowBytes;
+  const int64_t tail = K - full * kTileRowBytes;
+  const __mmask64 tail_mask = tail ? (~0ull >> (64 - tail)) : 0;
+  for (int64_t row = 0; row < kBlockM; ++row) {
+    uint8_t* dst = out + (row / kTileRows) * kTileBytes + (row % kTileRows) * kTileRowBytes;
+    constexpr int64_t kStep = 2 * kTileBytes;
+    if (row >= rows) {
+      for (int64_t kb = 0; kb < kblocks; ++kb) {
+        _mm512_store_si512(dst + kb * kStep, _mm512_setzero_si512());
+      }
+      continue;
+    }
+    const uint8_t* src = a + row * lda;
+    int64_t kb = 0;
+    for (; kb < full; ++kb) {
+      _mm512_store_si512(dst + kb * kStep, _mm512_loadu_si512(src + kb * kTileRowBytes));
+    }
+    if (tail) {
+      _mm512_store_si512(dst + kb * kStep,
+                         _mm512_maskz_loadu_epi8(tail_mask, src + kb * kTileRowBytes));
+    }
+  }
+}
+
+// Tiles 0..3 = A panel x two 16-column blocks of the packed weight (b0 and b0 + b_block_bytes), raw
+// int32 sums: tile 0 rows 0..15 x columns 0..15, tile 1 columns 16..31, tiles 2 / 3 rows 16..31.
+// kTwoRows / kTwoCols: whether the second A tile / B tile holds anything (else tiles 2, 3 / 1, 3
+// are left alone). Only issues the tile instructions: the tile unit works through them while the
+// core goes on with the epilogue of the previous block.
+template <bool kTwoRows, bool kTwoCols>
+inline void compute_block(const uint8_t* apanel, const int8_t* b0, size_t b_block_bytes,
+                          int64_t kblocks) {
+  const int8_t* b1 = b0 + b_block_bytes;
+  _tile_zero(0);
+  if (kTwoCols) _tile_zero(1);
+  if (kTwoRows) _tile_zero(2);
+  if (kTwoRows && kTwoCols) _tile_zero(3);
+  for (int64_t kb = 0; kb < kblocks; ++kb) {
+    const uint8_t* ak = apanel + kb * 2 * kTileBytes;
+    _tile_loadd(4, ak, kTileRowBytes);
+    _tile_loadd(6, b0 + kb * kTileBytes, kTileRowBytes);
+    _tile_dpbusd(0, 4, 6);
+    if (kTwoCols) {
+      _tile_loadd(7, b1 + kb * kTileBytes, kTileRowBytes);
+      _tile_dpbusd(1, 4, 7);
+    }
+    if (kTwoRows) {
+      _tile_loadd(5, ak + kTileBytes, kTileRowBytes);
+      _tile_dpbusd(2, 5, 6);
+      if (kTwoCols) _tile_dpbusd(3, 5, 7);
+    }
+  }
+}
+
+// acc (32 x 32 int32, row stride 32) = the tiles written by compute_block<kTwoRows, kTwoCols>.
+template <bool kTwoRows, bool kTwoCols>
+inline void store_block(int32_t* acc) {
+  constexpr int kLdAccBytes = kBlockN * sizeof(int32_t);
+  _tile_stored(0, acc, kLdAccBytes);
+  if (kTwoCols) _tile_stored(1, acc + kPackN, kLdAccBytes);
+  if (kTwoRows) _tile_stored(2, acc + kTileRows * kBlockN, kLdAccBytes);
+  if (kTwoRows && kTwoCols) _tile_stored(3, acc + kTileRows * kBlockN + kPackN, kLdAccBytes);
+}
+
+// The epilogue for columns [n0, ...).
+RequantEpilogue shift_columns(const RequantEpilogue& ep, int64_t n0) {
+  RequantEpilogue out = ep;
+  out.row_sums += n0;
+  if (out.bias) out.bias += n0;
+  out.multiplier += n0;
+  return out;
+}
+FloatEpilogue shift_columns(const FloatEpilogue& ep, int64_t n0) {
+  FloatEpilogue out = ep;
+  out.row_sums += n0;
+  if (out.bias) out.bias += n0;
+  out.scale += n0;
+  return out;
+}
+
+// Issues prefetches (to L2) for the lines of A's rows [row, end), a few rows at a time, so that a
+// chunk is in cache by the time it is packed.
+class RowPrefetcher {
+ public:
+  RowPrefetcher(const uint8_t* a, int64_t lda, int64_t K, int64_t M, int64_t first_row)
+      : a_(a), lda_(lda), K_(K), M_(M), row_(first_row) {}
+  void advance_to(int64_t end) {
+    end = std::min(end, M_);
+    if (K_ == 0) return;
+    for (; row_ < end; ++row_) {
+      const char* p = reinterpret_cast<const char*>(a_ + row_ * lda_);
+      for (int64_t off = 0; off < K_; off += kTileRowBytes) _mm_prefetch(p + off, _MM_HINT_T1);
+      _mm_prefetch(p + K_ - 1, _MM_HINT_T1);  // the last line when the row is not 64-aligned
+    }
+  }
+
+ private:
+  const uint8_t* a_;
+  int64_t lda_, K_, M_, row_;
+};
+
+// Packed A per chunk (bytes): a chunk of 32-row panels fills about this much of L2.
+constexpr int64_t kChunkBytes = int64_t{256} << 10;
+constexpr int64_t kMaxChunkPanels = 8;
+
+template <typename Epilogue, typename Out>
+void qgemm_amx_impl(int64_t M, int64_t N, int64_t K, const uint8_t* a, int64_t lda,
+                    const int8_t* packed_w, const Epilogue& ep, Out* c, int64_t ldc) {
+  if (M <= 0 || N <= 0) return;
+  const int64_t kblocks = packed_k(K) / kPackK;
+  const size_t b_block_bytes = packed_block_offset(kPackN, K);
+  const int64_t panel_bytes = std::max<int64_t>(kblocks, 1) * 2 * kTileBytes;
+  const int64_t chunk_panels =
+      std::min(std::clamp(kChunkBytes / panel_bytes, int64_t{1}, kMaxChunkPanels),
+               (M + kBlockM - 1) / kBlockM);
+  const int64_t chunk_rows = chunk_panels * kBlockM;
+  const int64_t stripes = (N + kBlockN - 1) / kBlockN;
+  const int64_t blocks_per_chunk = stripes * chunk_panels;
+
+  // Two packed chunks and two scratch stripes (chunk_rows x 32 int32), alternating.
+  const size_t chunk_bytes = static_cast<size_t>(chunk_panels * panel_bytes);
+  const size_t scratch_bytes = static_cast<size_t>(chunk_rows * kBlockN) * sizeof(int32_t);
+  uint8_t* const buffer = panel_buffer(2 * (chunk_bytes + scratch_bytes));
+  uint8_t* const apack[2] = {buffer, buffer + chunk_bytes};
+  int32_t* const scratch[2] = {
+      reinterpret_cast<int32_t*>(buffer + 2 * chunk_bytes),
+      reinterpret_cast<int32_t*>(buffer + 2 * chunk_bytes + scratch_bytes)};
+
+  // The stripe whose sums wait in scratch for the epilogue, in two 16-column halves.
+  struct Pending {
+    int64_t m0 = 0, n0 = 0, rows = 0, cols = 0;
+    const int32_t* acc = nullptr;
+  } pending;
+  auto epilogue_half = [&](int half) {
+    const int64_t c0 = half * kPackN;
+    if (pending.acc == nullptr || c0 >= pending.cols) return;
+    epilogue_block_avx512(pending.acc + c0, kBlockN, pending.rows,
+                          std::min(kPackN, pending.cols - c0), shift_columns(ep, pending.n0 + c0),
+                          c + pending.m0 * ldc + pending.n0 + c0, ldc);
+  };
+  auto pack_panel = [&](int64_t m0, int64_t rows, int64_t panel, uint8_t* dst) {
+    const int64_t r0 = panel * kBlockM;
+    pack_a_panel(a + (m0 + r0) * lda, lda, std::min(kBlockM, rows - r0), K, kblocks,
+                 dst + panel * panel_bytes);
+  };
+
+  RowPrefetcher prefetcher(a, lda, K, M, chunk_rows);
+  configure_tiles();
+  const int64_t rows0 = std::min(chunk_rows, M);
+  for (int64_t i = 0; i * kBlockM < rows0; ++i) pack_panel(0, rows0, i, apack[0]);
+
+  int64_t step = 0;  // stripes done
+  for (int64_t m0 = 0, chunk = 0; m0 < M; m0 += chunk_rows, ++chunk) {
+    const int64_t rows = std::min(chunk_rows, M - m0);
+    const int64_t panels = (rows + kBlockM - 1) / kBlockM;
+    const int64_t next_rows = std::max<int64_t>(std::min(chunk_rows, M - m0 - chunk_rows), 0);
+    const int64_t next_panels = (next_rows + kBlockM - 1) / kBlockM;
+    const uint8_t* chunk_a = apack[chunk & 1];
+    int64_t block = 0;  // blocks of this chunk issued
+    for (int64_t n0 = 0; n0 < N; n0 += kBlockN, ++step) {
+      const int64_t cols = std::min(kBlockN, N - n0);
+      const bool two_cols = cols > kPackN;
+      const int8_t* b0 = packed_w + packed_block_offset(n0, K);
+      const bool last_stripe = n0 + kBlockN >= N;
+      int32_t* acc = scratch[step & 1];
+      for (int64_t i = 0; i < panels; ++i, ++block) {
+        const uint8_t* panel_a = chunk_a + i * panel_bytes;
+        const bool two_rows = rows - i * kBlockM > kTileRows;
+        if (two_rows && two_cols) {
+          compute_block<true, true>(panel_a, b0, b_block_bytes, kblocks);
+        } else if (two_rows) {
+          compute_block<true, false>(panel_a, b0, b_block_bytes, kblocks);
+        } else if (two_cols) {
+          compute_block<false, true>(panel_a, b0, b_block_bytes, kblocks);
+        } else {
+          compute_block<false, false>(panel_a, b0, b_block_bytes, kblocks);
+        }
+        // Core work while the tile unit computes this block.
+        if (i == 0) epilogue_half(0);
+        if (i == panels / 2) epilogue_half(1);
+        if (last_stripe) {
+          for (int64_t j = i * next_panels / panels; j < (i + 1) * next_panels / panels; ++j) {
+            pack_panel(m0 + chunk_rows, next_rows, j, apack[(chunk + 1) & 1]);
+          }
+        }
+        // Prefetch so that the chunk after the next one is in L2 when this chunk ends (the first
+        // chunk prefetches two).
+        const int64_t ahead = chunk == 0 ? 2 * chunk_rows * (block + 1) / blocks_per_chunk
+                                         : chunk_rows * (block + 1) / blocks_per_chunk;
+        prefetcher.advance_to(m0 + (chunk == 0 ? 1 : 2) * chunk_rows + ahead);
+        int32_t* acc_panel = acc + i * kBlockM * kBlockN;
+        if (two_rows && two_cols) {
+          store_block<true, true>(acc_panel);
+        } else if (two_rows) {
+          store_block<true, false>(acc_panel);
+        } else if (two_cols) {
+          store_block<false, true>(acc_panel);
+        } else {
+          store_block<false, false>(acc_panel);
+        }
+      }
+      pending = {m0, n0, rows, cols, acc};
+    }
+  }
+  _tile_release();
+  epilogue_half(0);
+  epilogue_half(1);
+}
+
+}  // namespace
+
+bool amx_enable() {
+  static const bool enabled = [] {
+    if (!cpu_has_amx_int8()) return false;
+#if defined(__linux__)
+    constexpr long kArchReqXcompPerm = 0x1023;
+    constexpr long kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+    return false;
+#endif
+  }();
+  return enabled;
+}
+
+void qgemm_amx(int64_t M, int64_t N, int64_t K, const uint8_t* a, int64_t lda,
+               const int8_t* packed_w, const RequantEpilogue& ep, uint8_t* c, int64_t ldc) {
+  qgemm_amx_impl(M, N, K, a, lda, packed_w, ep, c, ldc);
+}
+
+void qgemm_amx(int64_t M, int64_t N, int64_t K, const uint8_t* a, int64_t lda,
+               const int8_t* packed_w, const FloatEpilogue& ep, float* c, int64_t ldc) {
+  qgemm_amx_impl(M, N, K, a, lda, packed_w, ep, c, ldc);
+}
+
+}  // namespace qext::kernels::detail

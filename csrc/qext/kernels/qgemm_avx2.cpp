@@ -1,0 +1,283 @@
+// AVX2 integer GEMM (no VNNI), bit-identical to the scalar reference (qgemm_ref.cpp).
+//
+// Exactness: vpmaddubsw (u8 x s8 -> pairwise sum saturated to int16) is not used: 255 * -128 * 2 =
+// -65280 does not fit int16. Instead both operands are widened to int16 (A zero-extended by
+// vpshufb, W sign-extended by shifts) and multiplied with vpmaddwd, whose pairwise sums of int16
+// products are int32: |a0 w0 + a2 w2| <= 2 * 255 * 128 = 65280, far from its one saturating case
+// (-32768 * -32768 twice). The int32 accumulators then wrap modulo 2^32 exactly like the
+// reference's uint32 sums, and the epilogue below is the reference's requantize() step by step.
+//
+// Blocking: 4 rows x 16 columns (one packed column block) per micro-kernel, K in the packed
+// 4-byte groups. One group of the packed weight (64 bytes = 16 columns x 4 k) is two ymm; in each
+// ymm the int16 word 2n holds (W[n][0], W[n][1]) and word 2n + 1 holds (W[n][2], W[n][3]), so
+// (word << 8) >> 8 (arithmetic) gives W[n][0] / W[n][2] and word >> 8 gives W[n][1] / W[n][3].
+// Against A broadcast as int16 words (a0, a2) and (a1, a3), two vpmaddwd give the 4-term dot
+// product of each column in its own int32 lane: columns 0..7 in one accumulator, 8..15 in the
+// other.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+#include "qext/kernels/qgemm_isa.h"
+
+namespace qext::kernels::detail {
+namespace {
+
+constexpr int kMr = 4;
+
+inline uint32_t load_u32(const uint8_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// acc[r][0..1] = sum over the first K k of A[r][k] * W[n][k], columns 0..7 / 8..15 of `block`.
+template <int MR>
+inline void kernel_4xk(int64_t K, const uint8_t* a, int64_t lda, const int8_t* block,
+                       __m256i (&acc)[kMr][2]) {
+  // Byte j of each dword of the broadcast A: a_j. Zero-extend a0, a2 (a1, a3) to int16 words.
+  const __m256i ctl02 = _mm256_set1_epi32(static_cast<int32_t>(0x80028000u));
+  const __m256i ctl13 = _mm256_set1_epi32(static_cast<int32_t>(0x80038001u));
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+
+  auto step = [&](const int8_t* group, const uint32_t(&av)[kMr]) {
+    const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(group));
+    const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(group + 32));
+    const __m256i w0_13 = _mm256_srai_epi16(w0, 8);
+    const __m256i w0_02 = _mm256_srai_epi16(_mm256_slli_epi16(w0, 8), 8);
+    const __m256i w1_13 = _mm256_srai_epi16(w1, 8);
+    const __m256i w1_02 = _mm256_srai_epi16(_mm256_slli_epi16(w1, 8), 8);
+#pragma GCC unroll 4
+    for (int r = 0; r < MR; ++r) {
+      const __m256i ab = _mm256_set1_epi32(static_cast<int32_t>(av[r]));
+      const __m256i a02 = _mm256_shuffle_epi8(ab, ctl02);
+      const __m256i a13 = _mm256_shuffle_epi8(ab, ctl13);
+      acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_add_epi32(_mm256_madd_epi16(w0_02, a02),
+                                                               _mm256_madd_epi16(w0_13, a13)));
+      acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_add_epi32(_mm256_madd_epi16(w1_02, a02),
+                                                               _mm256_madd_epi16(w1_13, a13)));
+    }
+  };
+
+  const int64_t full = K / 4;
+  uint32_t av[kMr] = {};
+  for (int64_t g = 0; g < full; ++g) {
+    for (int r = 0; r < MR; ++r) av[r] = load_u32(a + r * lda + 4 * g);
+    step(block + 64 * g, av);
+  }
+  if (const int64_t rem = K % 4; rem != 0) {
+    // The last group has 1..3 valid k: copy those bytes of A (never read past a row's end) into a
+    // zero-padded dword; the packed weight is zero there anyway.
+    for (int r = 0; r < MR; ++r) {
+      av[r] = 0;
+      std::memcpy(&av[r], a + r * lda + 4 * full, static_cast<size_t>(rem));
+    }
+    step(block + 64 * full, av);
+  }
+}
+
+// Column parameters of one 16-column block, as two ymm each (columns 0..7, 8..15).
+struct RequantCols {
+  __m256i corr[2], mult[2], mult_odd[2], lshift[2], rshift[2], rshift_m1[2], rone[2];
+};
+struct FloatCols {
+  __m256i corr[2];
+  __m256 scale[2];
+};
+
+// corr[n] = bias[n] - a_zero_point * row_sums[n] modulo 2^32; columns past nv get harmless values.
+inline void correction(const int32_t* row_sums, int32_t a_zero_point, const int32_t* bias,
+                       int64_t n0, int nv, int32_t* out) {
+  for (int i = 0; i < 16; ++i) {
+    uint32_t v = 0;
+    if (i < nv) {
+      v = 0u - static_cast<uint32_t>(a_zero_point) * static_cast<uint32_t>(row_sums[n0 + i]);
+      if (bias != nullptr) v += static_cast<uint32_t>(bias[n0 + i]);
+    }
+    out[i] = static_cast<int32_t>(v);
+  }
+}
+
+inline __m256i load8(const int32_t* p) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+}
+
+RequantCols requant_cols(const RequantEpilogue& ep, int64_t n0, int nv) {
+  alignas(32) int32_t corr[16], mult[16], lsh[16], rsh[16], rsh1[16], one[16];
+  correction(ep.row_sums, ep.a_zero_point, ep.bias, n0, nv, corr);
+  for (int i = 0; i < 16; ++i) {
+    const FixedPointMultiplier m =
+        i < nv ? ep.multiplier[n0 + i] : FixedPointMultiplier{1 << 30, 0};
+    mult[i] = m.multiplier;
+    lsh[i] = std::max(m.exponent, 0);
+    rsh[i] = std::max(-m.exponent, 0);
+    rsh1[i] = std::max(rsh[i] - 1, 0);
+    one[i] = rsh[i] > 0 ? 1 : 0;
+  }
+  RequantCols c;
+  for (int h = 0; h < 2; ++h) {
+    c.corr[h] = load8(corr + 8 * h);
+    c.mult[h] = load8(mult + 8 * h);
+    c.mult_odd[h] = _mm256_srli_epi64(c.mult[h], 32);
+    c.lshift[h] = load8(lsh + 8 * h);
+    c.rshift[h] = load8(rsh + 8 * h);
+    c.rshift_m1[h] = load8(rsh1 + 8 * h);
+    c.rone[h] = load8(one + 8 * h);
+  }
+  return c;
+}
+
+FloatCols float_cols(const FloatEpilogue& ep, int64_t n0, int nv) {
+  alignas(32) int32_t corr[16];
+  alignas(32) float scale[16];
+  correction(ep.row_sums, ep.a_zero_point, ep.bias, n0, nv, corr);
+  for (int i = 0; i < 16; ++i) scale[i] = i < nv ? ep.scale[n0 + i] : 0.0f;
+  FloatCols c;
+  for (int h = 0; h < 2; ++h) {
+    c.corr[h] = load8(corr + 8 * h);
+    c.scale[h] = _mm256_loadu_ps(scale + 8 * h);
+  }
+  return c;
+}
+
+// requantize() of qgemm.cpp on 8 lanes (lane h selects the column half).
+inline __m256i requant8(__m256i acc, const RequantCols& p, int h, __m256i lo, __m256i hi,
+                        __m256i zp) {
+  __m256i x = _mm256_add_epi32(acc, p.corr[h]);
+  // Saturating x * 2^lshift: the shift overflowed iff shifting back does not give x.
+  const __m256i s = _mm256_sllv_epi32(x, p.lshift[h]);
+  const __m256i ok = _mm256_cmpeq_epi32(_mm256_srav_epi32(s, p.lshift[h]), x);
+  const __m256i sat = _mm256_xor_si256(_mm256_srai_epi32(x, 31),
+                                       _mm256_set1_epi32(std::numeric_limits<int32_t>::max()));
+  x = _mm256_blendv_epi8(sat, s, ok);
+  // floor((x * M + 2^30) / 2^31) in 64-bit lanes: even lanes keep bits 31..62 in the low dword
+  // (logical shift right by 31), odd lanes in the high dword (shift left by 1). The result fits
+  // int32 because M < 2^31.
+  const __m256i r30 = _mm256_set1_epi64x(int64_t{1} << 30);
+  __m256i even = _mm256_mul_epi32(x, p.mult[h]);
+  __m256i odd = _mm256_mul_epi32(_mm256_srli_epi64(x, 32), p.mult_odd[h]);
+  even = _mm256_srli_epi64(_mm256_add_epi64(even, r30), 31);
+  odd = _mm256_slli_epi64(_mm256_add_epi64(odd, r30), 1);
+  x = _mm256_blend_epi32(even, odd, 0xAA);
+  // floor((x + 2^(r-1)) / 2^r) = (x >> r) + bit r-1 of x, without the overflowing add.
+  x = _mm256_add_epi32(_mm256_srav_epi32(x, p.rshift[h]),
+                       _mm256_and_si256(_mm256_srav_epi32(x, p.rshift_m1[h]), p.rone[h]));
+  // clamp(x + zp, out_min, out_max) = clamp(x, out_min - zp, out_max - zp) + zp (no overflow).
+  x = _mm256_min_epi32(_mm256_max_epi32(x, lo), hi);
+  return _mm256_add_epi32(x, zp);
+}
+
+template <int MR>
+void block_requant(int64_t K, const uint8_t* a, int64_t lda, const int8_t* block,
+                   const RequantCols& cols, const RequantEpilogue& ep, int nv, uint8_t* c,
+                   int64_t ldc) {
+  __m256i acc[kMr][2];
+  kernel_4xk<MR>(K, a, lda, block, acc);
+  const __m256i lo = _mm256_set1_epi32(ep.out_min - ep.out_zero_point);
+  const __m256i hi = _mm256_set1_epi32(ep.out_max - ep.out_zero_point);
+  const __m256i zp = _mm256_set1_epi32(ep.out_zero_point);
+  // Low byte of each dword: lane-local bytes 0..3 (columns 0..7 into dword 0 of each 128-bit lane,
+  // 8..15 into dword 1), then dwords (0, 4, 1, 5) give columns 0..15 in order.
+  const __m256i pick0 =
+      _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 0, 4, 8, 12, -1,
+                       -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+  const __m256i pick1 =
+      _mm256_setr_epi8(-1, -1, -1, -1, 0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                       0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 3, 6, 7);
+  for (int r = 0; r < MR; ++r) {
+    const __m256i q0 = requant8(acc[r][0], cols, 0, lo, hi, zp);
+    const __m256i q1 = requant8(acc[r][1], cols, 1, lo, hi, zp);
+    const __m256i bytes = _mm256_permutevar8x32_epi32(
+        _mm256_or_si256(_mm256_shuffle_epi8(q0, pick0), _mm256_shuffle_epi8(q1, pick1)), order);
+    const __m128i out = _mm256_castsi256_si128(bytes);
+    uint8_t* dst = c + r * ldc;
+    if (nv == 16) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), out);
+    } else {
+      alignas(16) uint8_t tmp[16];
+      _mm_store_si128(reinterpret_cast<__m128i*>(tmp), out);
+      std::memcpy(dst, tmp, static_cast<size_t>(nv));
+    }
+  }
+}
+
+template <int MR>
+void block_float(int64_t K, const uint8_t* a, int64_t lda, const int8_t* block,
+                 const FloatCols& cols, const FloatEpilogue& ep, int nv, float* c, int64_t ldc) {
+  __m256i acc[kMr][2];
+  kernel_4xk<MR>(K, a, lda, block, acc);
+  for (int r = 0; r < MR; ++r) {
+    __m256 v[2];
+    for (int h = 0; h < 2; ++h) {
+      v[h] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(acc[r][h], cols.corr[h])),
+                           cols.scale[h]);
+      // vmaxps returns the second operand for NaN and for +-0: v > 0 ? v : +0, as the reference.
+      if (ep.relu) v[h] = _mm256_max_ps(v[h], _mm256_setzero_ps());
+    }
+    float* dst = c + r * ldc;
+    if (nv == 16) {
+      _mm256_storeu_ps(dst, v[0]);
+      _mm256_storeu_ps(dst + 8, v[1]);
+    } else {
+      alignas(32) float tmp[16];
+      _mm256_store_ps(tmp, v[0]);
+      _mm256_store_ps(tmp + 8, v[1]);
+      std::memcpy(dst, tmp, sizeof(float) * static_cast<size_t>(nv));
+    }
+  }
+}
+
+// Column blocks outer (the packed block stays in cache across the rows), 4-row blocks inner.
+template <class Ep, class Out, class MakeCols, class Block>
+void run(int64_t M, int64_t N, int64_t K, const uint8_t* a, int64_t lda, const int8_t* packed_w,
+         const Ep& ep, Out* c, int64_t ldc, MakeCols make_cols, Block block) {
+  for (int64_t n0 = 0; n0 < N; n0 += kPackN) {
+    const int nv = static_cast<int>(std::min<int64_t>(kPackN, N - n0));
+    const int8_t* wblock = packed_w + packed_block_offset(n0, K);
+    const auto cols = make_cols(ep, n0, nv);
+    int64_t m0 = 0;
+    for (; m0 + kMr <= M; m0 += kMr) {
+      block(std::integral_constant<int, kMr>{}, a + m0 * lda, wblock, cols, nv, c + m0 * ldc + n0);
+    }
+    const uint8_t* ar = a + m0 * lda;
+    Out* cr = c + m0 * ldc + n0;
+    switch (M - m0) {
+      case 3:
+        block(std::integral_constant<int, 3>{}, ar, wblock, cols, nv, cr);
+        break;
+      case 2:
+        block(std::integral_constant<int, 2>{}, ar, wblock, cols, nv, cr);
+        break;
+      case 1:
+        block(std::integral_constant<int, 1>{}, ar, wblock, cols, nv, cr);
+        break;
+      default:
+        break;
+    }
+  }
+}
+
+}  // namespace
+
+void qgemm_avx2(int64_t M, int64_t N, int64_t K, const uint8_t* a, int64_t lda,
+                const int8_t* packed_w, const RequantEpilogue& ep, uint8_t* c, int64_t ldc) {
+  run(M, N, K, a, lda, packed_w, ep, c, ldc, requant_cols,
+      [&](auto mr, const uint8_t* ar, const int8_t* wb, const RequantCols& cols, int nv,
+          uint8_t* cr) {
+        block_requant<decltype(mr)::value>(K, ar, lda, wb, cols, ep, nv, cr, ldc);
+      });
+}
+
+void qgemm_avx2(int64_t M, int64_t N, int64_t K, const uint8_t* a, int64_t lda,
+                const int8_t* packed_w, const FloatEpilogue& ep, float* c, int64_t ldc) {
+  run(M, N, K, a, lda, packed_w, ep, c, ldc, float_cols,
+      [&](auto mr, const uint8_t* ar, const int8_t* wb, const FloatCols& cols, int nv, float* cr) {
+        block_float<decltype(mr)::value>(K, ar, lda, wb, cols, ep, nv, cr, ldc);
+      });
+}
+
+}  // namespace qext::kernels::detail

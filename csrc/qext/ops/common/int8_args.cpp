@@ -1,0 +1,215 @@
+#include "qext/ops/common/int8_args.h"
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+
+namespace qext::ops::detail {
+namespace {
+
+constexpr int32_t kInt32Max = 2147483647;
+
+// Rows from which the AMX tiles (16 rows each) beat the AVX-512 VNNI kernel.
+constexpr int64_t kAmxMinRows = 32;
+
+// -1: automatic; else the forced kernels::Isa.
+std::atomic<int> forced_isa{-1};
+
+const std::vector<kernels::Isa>& all_isas() {
+  static const std::vector<kernels::Isa> isas = {kernels::Isa::kScalar, kernels::Isa::kAvx2,
+                                                 kernels::Isa::kAvx512Vnni, kernels::Isa::kAmx};
+  return isas;
+}
+
+}  // namespace
+
+Int8Input resolve_int8_input(const at::Tensor& input, const char* op, const char* name) {
+  TORCH_CHECK(input.is_quantized(), op, ": ", name,
+              " must be a per-tensor quantized tensor (torch.quint8 or torch.qint8), got a ",
+              input.scalar_type(), " tensor; quantize it first (qext.nn.quantized.Quantize)");
+  TORCH_CHECK(input.qscheme() == at::kPerTensorAffine, op, ": ", name,
+              " must be quantized per tensor (affine), got qscheme ", toString(input.qscheme()));
+  const auto dtype = input.scalar_type();
+  TORCH_CHECK(dtype == at::kQUInt8 || dtype == at::kQInt8, op, ": ", name,
+              " must be torch.quint8 or torch.qint8, got ", dtype);
+  Int8Input in;
+  in.scale = input.q_scale();
+  TORCH_CHECK(std::isfinite(in.scale) && in.scale > 0, op, ": ", name,
+              " has scale ", in.scale, "; it must be finite and > 0");
+  const int64_t zp = input.q_zero_point() + (dtype == at::kQInt8 ? 128 : 0);
+  TORCH_CHECK(zp >= 0 && zp <= 255, op, ": ", name, " has zero point ", input.q_zero_point(),
+              " outside the range of its dtype ", dtype);
+  in.zero_point = static_cast<int32_t>(zp);
+  in.flip = dtype == at::kQInt8 ? 0x80 : 0;
+  return in;
+}
+
+Int8Output resolve_int8_output(std::optional<double> scale, int64_t zero_point, int64_t min,
+                               int64_t max, bool relu, const char* op) {
+  Int8Output out;
+  out.relu = relu;
+  if (!scale.has_value()) {
+    out.is_float = true;
+    return out;
+  }
+  TORCH_CHECK(std::isfinite(*scale) && *scale > 0, op, ": output_scale must be finite and > 0, got ",
+              *scale);
+  TORCH_CHECK(min < max, op, ": output_min (", min, ") must be < output_max (", max, ")");
+  if (min >= 0 && max <= 255) {
+    out.dtype = at::kQUInt8;
+  } else {
+    TORCH_CHECK(min >= -128 && max <= 127, op, ": the output range [", min, ", ", max,
+                "] fits neither uint8 nor int8");
+    out.dtype = at::kQInt8;
+  }
+  TORCH_CHECK(zero_point >= min && zero_point <= max, op, ": output_zero_point ", zero_point,
+              " is outside [output_min, output_max] = [", min, ", ", max, "]");
+  out.scale = *scale;
+  out.zero_point = static_cast<int32_t>(zero_point);
+  out.min = static_cast<int32_t>(relu ? std::max(min, zero_point) : min);
+  out.max = static_cast<int32_t>(max);
+  return out;
+}
+
+at::Tensor empty_int8_output(at::IntArrayRef sizes, const Int8Output& out,
+                             const at::TensorOptions& device_options,
+                             at::MemoryFormat memory_format) {
+  if (out.is_float) {
+    return at::empty(sizes, device_options.dtype(at::kFloat).memory_format(memory_format));
+  }
+  return at::_empty_affine_quantized(sizes, device_options.dtype(out.dtype), out.scale,
+                                     out.zero_point, memory_format);
+}
+
+Int8LayerParams resolve_int8_layer(const at::Tensor& input, const at::Tensor& packed_weight,
+                                   int64_t packed_bytes, const at::Tensor& row_sums,
+                                   const at::Tensor& weight_scale,
+                                   const std::optional<at::Tensor>& bias, int64_t reduction,
+                                   const Int8Output& output, const char* op) {
+  Int8LayerParams p;
+  p.input = resolve_int8_input(input, op);
+  p.output = output;
+  TORCH_CHECK(row_sums.scalar_type() == at::kInt && row_sums.dim() == 1 && row_sums.numel() > 0,
+              op, ": row_sums must be a non-empty 1-D int32 tensor, got ", row_sums.scalar_type(),
+              " of shape ", row_sums.sizes());
+  const int64_t n = row_sums.numel();
+  p.out_channels = n;
+  TORCH_CHECK(packed_weight.scalar_type() == at::kChar && packed_weight.dim() == 1, op,
+              ": packed_weight must be a 1-D int8 tensor (from pack_quantized_weight), got ",
+              packed_weight.scalar_type(), " of shape ", packed_weight.sizes());
+  TORCH_CHECK(packed_weight.numel() == packed_bytes, op, ": packed_weight has ",
+              packed_weight.numel(), " bytes where ", n, " output channels over ", reduction,
+              " inputs need ", packed_bytes, " (truncated, or packed for another shape)");
+  for (const auto* t : {&packed_weight, &row_sums}) {
+    TORCH_CHECK(t->device() == input.device(), op, ": the weights are on ", t->device(),
+                " and the input on ", input.device());
+  }
+  TORCH_CHECK(weight_scale.scalar_type() == at::kFloat &&
+                  (weight_scale.numel() == 1 || weight_scale.numel() == n),
+              op, ": weight_scale must be float32 with 1 or ", n, " (output channels) entries, got ",
+              weight_scale.scalar_type(), " of shape ", weight_scale.sizes());
+  const auto ws = weight_scale.detach().to(at::kCPU, at::kDouble).contiguous().reshape(-1);
+  const double* ws_p = ws.data_ptr<double>();
+  std::vector<double> acc_scale(n);
+  for (int64_t c = 0; c < n; ++c) {
+    const double s = ws_p[ws.numel() == 1 ? 0 : c];
+    TORCH_CHECK(std::isfinite(s) && s > 0, op, ": weight_scale[", c, "] = ", s,
+                "; scales must be finite and > 0");
+    acc_scale[c] = p.input.scale * s;
+  }
+
+  int64_t max_abs_bias = 0;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->dim() == 1 && bias->numel() == n, op,
+                ": bias must be float32 of shape [", n, "], got ", bias->scalar_type(), " of shape ",
+                bias->sizes());
+    const auto b = bias->detach().to(at::kCPU, at::kDouble).contiguous();
+    const double* b_p = b.data_ptr<double>();
+    p.bias.resize(n);
+    for (int64_t c = 0; c < n; ++c) {
+      TORCH_CHECK(std::isfinite(b_p[c]), op, ": bias[", c, "] = ", b_p[c], " is not finite");
+      const double q = std::nearbyint(b_p[c] / acc_scale[c]);
+      TORCH_CHECK(std::abs(q) <= kInt32Max, op, ": bias[", c, "] = ", b_p[c],
+                  " is beyond int32 at the accumulator scale ", acc_scale[c]);
+      p.bias[c] = static_cast<int32_t>(q);
+      max_abs_bias = std::max<int64_t>(max_abs_bias, std::abs(static_cast<int64_t>(p.bias[c])));
+    }
+  }
+  const int64_t max_k = kernels::max_exact_k(max_abs_bias);
+  TORCH_CHECK(reduction <= max_k, op, ": ", reduction,
+              " terms per output overflow the exact int32 accumulation (at most ", max_k,
+              " with this bias); split the layer");
+
+  if (output.is_float) {
+    p.float_scale.resize(n);
+    for (int64_t c = 0; c < n; ++c) p.float_scale[c] = static_cast<float>(acc_scale[c]);
+  } else {
+    p.multiplier.resize(n);
+    for (int64_t c = 0; c < n; ++c) {
+      const double m = acc_scale[c] / output.scale;
+      TORCH_CHECK(kernels::quantize_multiplier(m, &p.multiplier[c]), op,
+                  ": the requantization multiplier input_scale * weight_scale[", c,
+                  "] / output_scale = ", m, " has no fixed-point form (needs 2^-32 <= m <= 2^30)");
+    }
+  }
+  return p;
+}
+
+kernels::RequantEpilogue requant_epilogue(const Int8LayerParams& p, const int32_t* row_sums,
+                                          int64_t first) {
+  kernels::RequantEpilogue ep{};
+  ep.row_sums = row_sums + first;
+  ep.a_zero_point = p.input.zero_point;
+  ep.bias = p.bias.empty() ? nullptr : p.bias.data() + first;
+  ep.multiplier = p.multiplier.data() + first;
+  ep.out_zero_point = p.output.zero_point;
+  ep.out_min = p.output.min;
+  ep.out_max = p.output.max;
+  return ep;
+}
+
+kernels::FloatEpilogue float_epilogue(const Int8LayerParams& p, const int32_t* row_sums,
+                                      int64_t first) {
+  kernels::FloatEpilogue ep{};
+  ep.row_sums = row_sums + first;
+  ep.a_zero_point = p.input.zero_point;
+  ep.bias = p.bias.empty() ? nullptr : p.bias.data() + first;
+  ep.scale = p.float_scale.data() + first;
+  ep.relu = p.output.relu;
+  return ep;
+}
+
+kernels::Isa int8_gemm_isa(int64_t rows) {
+  const int forced = forced_isa.load();
+  if (forced >= 0) return static_cast<kernels::Isa>(forced);
+  if (rows >= kAmxMinRows && kernels::isa_supported(kernels::Isa::kAmx)) return kernels::Isa::kAmx;
+  return kernels::best_isa();
+}
+
+void set_int8_isa(const std::string& name) {
+  if (name == "auto") {
+    forced_isa = -1;
+    return;
+  }
+  std::string known;
+  for (const auto isa : all_isas()) {
+    if (name == kernels::isa_name(isa)) {
+      TORCH_CHECK(kernels::isa_supported(isa), "set_int8_isa: this CPU cannot run '", name, "'");
+      forced_isa = static_cast<int>(isa);
+      return;
+    }
+    known += std::string(" '") + kernels::isa_name(isa) + "'";
+  }
+  TORCH_CHECK(false, "set_int8_isa: unknown ISA '", name, "'; expected 'auto' or one of", known);
+}
+
+std::string int8_isa_name() {
+  const int forced = forced_isa.load();
+  return forced < 0 ? "auto" : kernels::isa_name(static_cast<kernels::Isa>(forced));
+}
+
+}  // namespace qext::ops::detail

@@ -1,0 +1,451 @@
+// CPU kernels of the integer-only layer ops: quantized_linear / quantized_conv2d run the int8 GEMM
+// (kernels/qgemm.h; im2col for convolutions, a direct kernel for depthwise ones) on tiles of the
+// output in parallel; pack_quantized_weight packs once at convert time.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "qext/kernels/qconv.h"
+#include "qext/kernels/qelementwise.h"
+#include "qext/kernels/qgemm.h"
+#include "qext/ops/common/int8_args.h"
+
+namespace qext::ops {
+namespace {
+
+using detail::Int8LayerParams;
+namespace k = qext::kernels;
+
+// Raw 8-bit levels of a quantized (or uint8 / int8) tensor.
+const uint8_t* levels(const at::Tensor& t) { return static_cast<const uint8_t*>(t.data_ptr()); }
+uint8_t* levels(at::Tensor& t) { return static_cast<uint8_t*>(t.data_ptr()); }
+
+bool is_depthwise(int64_t groups, int64_t in_channels, int64_t out_channels) {
+  return groups > 1 && groups == in_channels && groups == out_channels;
+}
+
+// One task of a tiled GEMM: rows [m0, m0 + rows), columns [n0, n0 + cols).
+struct Tile {
+  int64_t m0, rows, n0, cols;
+};
+
+// Output tiles for M x N: large enough to keep packed weights in cache across rows, and at least
+// as many as there are threads.
+std::vector<Tile> gemm_tiles(int64_t M, int64_t N) {
+  int64_t mb = 128, nb = 256;
+  const int64_t threads = at::get_num_threads();
+  auto count = [&] { return ((M + mb - 1) / mb) * ((N + nb - 1) / nb); };
+  while (count() < threads && (mb > 32 || nb > k::kPackN)) {
+    if (mb > 32 && M > mb / 2) {
+      mb /= 2;
+    } else if (nb > k::kPackN) {
+      nb /= 2;
+    } else {
+      break;
+    }
+  }
+  std::vector<Tile> tiles;
+  for (int64_t m0 = 0; m0 < M; m0 += mb) {
+    for (int64_t n0 = 0; n0 < N; n0 += nb) {
+      tiles.push_back({m0, std::min(mb, M - m0), n0, std::min(nb, N - n0)});
+    }
+  }
+  return tiles;
+}
+
+// C rows (M x N at c, row stride ldc) = epilogue(A x W^T) for the columns [n0, n0 + cols) of one
+// weight whose packed data starts at packed and whose epilogue arrays start at channel `first`.
+void gemm_tile(int64_t rows, int64_t cols, int64_t K, const uint8_t* a, int64_t lda,
+               const int8_t* packed, const Int8LayerParams& p, const int32_t* row_sums,
+               int64_t first, void* c, int64_t ldc) {
+  const k::Isa isa = detail::int8_gemm_isa(rows);
+  if (p.output.is_float) {
+    k::qgemm_u8s8(isa, rows, cols, K, a, lda, packed, detail::float_epilogue(p, row_sums, first),
+                  static_cast<float*>(c), ldc);
+  } else {
+    k::qgemm_u8s8(isa, rows, cols, K, a, lda, packed, detail::requant_epilogue(p, row_sums, first),
+                  static_cast<uint8_t*>(c), ldc);
+  }
+}
+
+// Byte pointer to element (row, col) of a row-major output of float32 or 8-bit levels.
+void* output_at(at::Tensor& y, const Int8LayerParams& p, int64_t row, int64_t col, int64_t ld) {
+  const int64_t elem = p.output.is_float ? 4 : 1;
+  return static_cast<char*>(y.data_ptr()) + (row * ld + col) * elem;
+}
+
+// An 8-bit copy of x's levels with the sign bit flipped (int8 levels -> uint8 levels).
+at::Tensor flipped_levels(const at::Tensor& x) {
+  auto out = at::empty(x.sizes(), x.options().dtype(at::kByte), x.suggest_memory_format());
+  const uint8_t* src = levels(x);
+  uint8_t* dst = levels(out);
+  at::parallel_for(0, x.numel(), 1 << 16, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) dst[i] = src[i] ^ 0x80;
+  });
+  return out;
+}
+
+// ------------------------------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor> pack_quantized_weight_cpu(const at::Tensor& weight,
+                                                             int64_t groups) {
+  constexpr const char* op = "qext.pack_quantized_weight";
+  TORCH_CHECK(weight.scalar_type() == at::kChar, op, ": weight must be int8 levels, got ",
+              weight.scalar_type());
+  TORCH_CHECK(weight.dim() == 2 || weight.dim() == 4, op,
+              ": weight must be 2-D [out, in] (linear) or 4-D [out, in / groups, kh, kw] (conv), "
+              "got shape ",
+              weight.sizes());
+  TORCH_CHECK(weight.numel() > 0, op, ": weight is empty (shape ", weight.sizes(), ")");
+  TORCH_CHECK(groups >= 1, op, ": groups must be >= 1, got ", groups);
+  const int64_t out = weight.size(0);
+  TORCH_CHECK(out % groups == 0, op, ": out channels (", out, ") not divisible by groups (",
+              groups, ")");
+  TORCH_CHECK(weight.dim() == 4 || groups == 1, op, ": a linear weight has groups = 1, got ",
+              groups);
+  const auto w = weight.contiguous();
+  auto row_sums = at::empty({out}, w.options().dtype(at::kInt));
+  int32_t* sums = row_sums.data_ptr<int32_t>();
+  const int8_t* w_p = w.data_ptr<int8_t>();
+
+  if (w.dim() == 2) {
+    const int64_t K = w.size(1);
+    auto packed = at::empty({static_cast<int64_t>(k::packed_weight_bytes(out, K))},
+                            w.options().dtype(at::kChar));
+    k::pack_weight(w_p, out, K, K, packed.data_ptr<int8_t>(), sums);
+    return {packed, row_sums};
+  }
+  k::Conv2dGeometry g{};
+  g.in_channels = w.size(1) * groups;
+  g.out_channels = out;
+  g.kernel_h = w.size(2);
+  g.kernel_w = w.size(3);
+  g.groups = groups;
+  if (is_depthwise(groups, g.in_channels, out)) {
+    auto packed = at::empty({w.numel()}, w.options().dtype(at::kChar));
+    k::depthwise_weight_to_hwc(w_p, g, packed.data_ptr<int8_t>());
+    const int64_t taps = g.kernel_h * g.kernel_w;
+    for (int64_t c = 0; c < out; ++c) {
+      int32_t s = 0;
+      for (int64_t t = 0; t < taps; ++t) s += w_p[c * taps + t];
+      sums[c] = s;
+    }
+    return {packed, row_sums};
+  }
+  const int64_t K = g.group_k(), out_g = out / groups;
+  const auto group_bytes = static_cast<int64_t>(k::packed_weight_bytes(out_g, K));
+  auto packed = at::empty({group_bytes * groups}, w.options().dtype(at::kChar));
+  std::vector<int8_t> gemm_w(out_g * K);
+  for (int64_t grp = 0; grp < groups; ++grp) {
+    k::conv_weight_to_gemm(w_p, g, grp, gemm_w.data());
+    k::pack_weight(gemm_w.data(), out_g, K, K, packed.data_ptr<int8_t>() + grp * group_bytes,
+                   sums + grp * out_g);
+  }
+  return {packed, row_sums};
+}
+
+at::Tensor quantized_linear_cpu(const at::Tensor& input, const at::Tensor& packed_weight,
+                                const at::Tensor& row_sums, const at::Tensor& weight_scale,
+                                const std::optional<at::Tensor>& bias,
+                                std::optional<double> output_scale, int64_t output_zero_point,
+                                int64_t output_min, int64_t output_max, bool relu) {
+  constexpr const char* op = "qext.quantized_linear";
+  const auto out = detail::resolve_int8_output(output_scale, output_zero_point, output_min,
+                                               output_max, relu, op);
+  TORCH_CHECK(input.dim() >= 1 && input.size(-1) > 0, op,
+              ": input must have a non-empty last (feature) dimension, got shape ", input.sizes());
+  const int64_t K = input.size(-1);
+  const int64_t N = row_sums.dim() == 1 ? row_sums.numel() : 0;
+  const auto p = detail::resolve_int8_layer(
+      input, packed_weight, static_cast<int64_t>(k::packed_weight_bytes(std::max<int64_t>(N, 1), K)),
+      row_sums, weight_scale, bias, K, out, op);
+  auto sizes = input.sizes().vec();
+  sizes.back() = N;
+  auto y = detail::empty_int8_output(sizes, out, input.options());
+  const int64_t M = input.numel() / K;
+  if (M == 0) return y;
+
+  auto x = p.input.flip ? flipped_levels(input.contiguous()) : input.contiguous();
+  const uint8_t* a = levels(x);
+  const int8_t* packed = packed_weight.data_ptr<int8_t>();
+  const int32_t* sums = row_sums.data_ptr<int32_t>();
+  const auto tiles = gemm_tiles(M, N);
+  at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const Tile& tile = tiles[t];
+      gemm_tile(tile.rows, tile.cols, K, a + tile.m0 * K, K,
+                packed + k::packed_block_offset(tile.n0, K), p, sums, tile.n0,
+                output_at(y, p, tile.m0, tile.n0, N), N);
+    }
+  });
+  return y;
+}
+
+k::Conv2dGeometry conv_geometry(const at::Tensor& input, int64_t out_channels,
+                                at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                const char* op) {
+  TORCH_CHECK(input.dim() == 4, op, ": input must be 4-D [N, C, H, W], got shape ", input.sizes());
+  auto two = [&](at::IntArrayRef v, const char* name, int64_t lo) {
+    TORCH_CHECK(v.size() == 2 && v[0] >= lo && v[1] >= lo, op, ": ", name, " must be two values >= ",
+                lo, ", got ", v);
+  };
+  two(kernel_size, "kernel_size", 1);
+  two(stride, "stride", 1);
+  two(padding, "padding", 0);
+  two(dilation, "dilation", 1);
+  TORCH_CHECK(groups >= 1 && input.size(1) % groups == 0 && out_channels % groups == 0, op,
+              ": groups = ", groups, " must divide the input channels (", input.size(1),
+              ") and the output channels (", out_channels, ")");
+  k::Conv2dGeometry g{};
+  g.batch = input.size(0);
+  g.in_channels = input.size(1);
+  g.in_h = input.size(2);
+  g.in_w = input.size(3);
+  g.out_channels = out_channels;
+  g.kernel_h = kernel_size[0];
+  g.kernel_w = kernel_size[1];
+  g.stride_h = stride[0];
+  g.stride_w = stride[1];
+  g.pad_h = padding[0];
+  g.pad_w = padding[1];
+  g.dilation_h = dilation[0];
+  g.dilation_w = dilation[1];
+  g.groups = groups;
+  g.out_h = (g.in_h + 2 * g.pad_h - g.dilation_h * (g.kernel_h - 1) - 1) / g.stride_h + 1;
+  g.out_w = (g.in_w + 2 * g.pad_w - g.dilation_w * (g.kernel_w - 1) - 1) / g.stride_w + 1;
+  TORCH_CHECK(g.in_channels > 0 && g.out_h > 0 && g.out_w > 0, op, ": input of shape ",
+              input.sizes(), " is too small (or empty) for kernel_size ", kernel_size,
+              ", padding ", padding, ", dilation ", dilation);
+  return g;
+}
+
+// Depthwise convolution: a direct kernel over channels-last rows.
+void depthwise_cpu(const at::Tensor& input, const k::Conv2dGeometry& g, const int8_t* w_hwc,
+                   const Int8LayerParams& p, const int32_t* sums, at::Tensor& y) {
+  auto x = input.contiguous(at::MemoryFormat::ChannelsLast);
+  if (p.input.flip) x = flipped_levels(x);
+  const uint8_t* x_p = levels(x);
+  uint8_t* y_p = levels(y);
+  const auto ep = detail::requant_epilogue(p, sums, 0);
+  const k::Isa isa = detail::int8_gemm_isa(1);
+  const int64_t rows = g.batch * g.out_h;
+  at::parallel_for(0, rows, 1, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e;) {
+      const int64_t n = r / g.out_h, oh0 = r % g.out_h;
+      const int64_t oh1 = std::min(g.out_h, oh0 + (e - r));
+      k::depthwise_conv2d_u8s8(isa, x_p, g, w_hwc, ep, n, oh0, oh1, y_p);
+      r += oh1 - oh0;
+    }
+  });
+}
+
+at::Tensor quantized_conv2d_cpu(const at::Tensor& input, const at::Tensor& packed_weight,
+                                const at::Tensor& row_sums, const at::Tensor& weight_scale,
+                                const std::optional<at::Tensor>& bias,
+                                at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                std::optional<double> output_scale, int64_t output_zero_point,
+                                int64_t output_min, int64_t output_max, bool relu) {
+  constexpr const char* op = "qext.quantized_conv2d";
+  const auto out = detail::resolve_int8_output(output_scale, output_zero_point, output_min,
+                                               output_max, relu, op);
+  const int64_t OC = row_sums.dim() == 1 ? row_sums.numel() : 0;
+  TORCH_CHECK(OC > 0, op, ": row_sums must be a non-empty 1-D int32 tensor, got shape ",
+              row_sums.sizes());
+  const auto g = conv_geometry(input, OC, kernel_size, stride, padding, dilation, groups, op);
+  const bool depthwise = is_depthwise(groups, g.in_channels, OC);
+  const int64_t K = g.group_k(), OCg = OC / groups;
+  const int64_t group_bytes = static_cast<int64_t>(k::packed_weight_bytes(OCg, K));
+  const int64_t packed_bytes = depthwise ? g.kernel_h * g.kernel_w * OC : group_bytes * groups;
+  const auto p = detail::resolve_int8_layer(input, packed_weight, packed_bytes, row_sums,
+                                            weight_scale, bias, K, out, op);
+  TORCH_CHECK(!(depthwise && out.is_float), op,
+              ": depthwise convolutions write quantized outputs; give an output_scale");
+  auto y = detail::empty_int8_output({g.batch, OC, g.out_h, g.out_w}, out, input.options(),
+                                     at::MemoryFormat::ChannelsLast);
+  if (g.batch == 0) return y;
+  const int8_t* packed = packed_weight.data_ptr<int8_t>();
+  const int32_t* sums = row_sums.data_ptr<int32_t>();
+  if (depthwise) {
+    depthwise_cpu(input, g, packed, p, sums, y);
+    return y;
+  }
+
+  const int64_t P = g.batch * g.out_h * g.out_w;  // GEMM rows: output pixels
+  const bool channels_last = input.is_contiguous(at::MemoryFormat::ChannelsLast);
+  // A 1x1, stride-1, unpadded convolution of a channels-last uint8 input is a GEMM on the input.
+  const bool direct = channels_last && groups == 1 && g.kernel_h == 1 && g.kernel_w == 1 &&
+                      g.stride_h == 1 && g.stride_w == 1 && g.pad_h == 0 && g.pad_w == 0 &&
+                      p.input.flip == 0;
+  const auto x = channels_last ? input : input.contiguous();
+  const uint8_t* x_p = levels(x);
+  const int64_t strides[4] = {x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
+  constexpr int64_t kRowsPerTask = 128;
+  const int64_t chunks = (P + kRowsPerTask - 1) / kRowsPerTask;
+  at::parallel_for(0, chunks * groups, 1, [&](int64_t b, int64_t e) {
+    std::vector<uint8_t> cols;
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t grp = t % groups, p0 = (t / groups) * kRowsPerTask;
+      const int64_t rows = std::min(kRowsPerTask, P - p0);
+      const uint8_t* a = x_p + p0 * K;
+      if (!direct) {
+        cols.resize(static_cast<size_t>(rows * K));
+        // The pad value is the zero point in x's own encoding (im2col flips it with the rest).
+        k::im2col_u8(x_p, strides, g, grp, p0, rows,
+                     static_cast<uint8_t>(p.input.zero_point ^ p.input.flip), p.input.flip,
+                     cols.data(), K);
+        a = cols.data();
+      }
+      gemm_tile(rows, OCg, K, a, K, packed + grp * group_bytes, p, sums, grp * OCg,
+                output_at(y, p, p0, grp * OCg, OC), OC);
+    }
+  });
+  return y;
+}
+
+// The output parameters of add / pooling in the uint8 domain of qelementwise.h (int8 levels + 128)
+// and the flip that stores them in the output's own encoding.
+struct Uint8Domain {
+  int32_t zero_point, min, max;
+  uint8_t flip;
+};
+Uint8Domain uint8_domain(const detail::Int8Output& out) {
+  const int32_t shift = out.dtype == at::kQInt8 ? 128 : 0;
+  return {out.zero_point + shift, out.min + shift, out.max + shift,
+          static_cast<uint8_t>(out.dtype == at::kQInt8 ? 0x80 : 0)};
+}
+
+at::Tensor quantized_add_cpu(const at::Tensor& a, const at::Tensor& b, double output_scale,
+                             int64_t output_zero_point, int64_t output_min, int64_t output_max,
+                             bool relu) {
+  constexpr const char* op = "qext.quantized_add";
+  const auto in_a = detail::resolve_int8_input(a, op, "a");
+  const auto in_b = detail::resolve_int8_input(b, op, "b");
+  TORCH_CHECK(a.sizes() == b.sizes(), op, ": a and b must have one shape, got ", a.sizes(), " and ",
+              b.sizes());
+  const auto out = detail::resolve_int8_output(output_scale, output_zero_point, output_min,
+                                               output_max, relu, op);
+  const auto dom = uint8_domain(out);
+  k::AddParams params{};
+  TORCH_CHECK(k::make_add_params(in_a.scale, in_b.scale, out.scale, in_a.zero_point,
+                                 in_b.zero_point, dom.zero_point, dom.min, dom.max,
+                                 /*relu=*/false, &params),
+              op, ": the scale ratios a_scale / output_scale = ", in_a.scale / out.scale,
+              " and b_scale / output_scale = ", in_b.scale / out.scale,
+              " must lie in [2^-32, 2^30]");
+  const auto format = a.suggest_memory_format();
+  const auto a_d = a.contiguous(format), b_d = b.contiguous(format);
+  auto y = detail::empty_int8_output(a.sizes(), out, a.options(), format);
+  const uint8_t* a_p = levels(a_d);
+  const uint8_t* b_p = levels(b_d);
+  uint8_t* y_p = levels(y);
+  at::parallel_for(0, a.numel(), 1 << 15, [&](int64_t begin, int64_t end) {
+    k::add_u8(a_p + begin, b_p + begin, end - begin, params, y_p + begin, in_a.flip, in_b.flip,
+              dom.flip);
+  });
+  return y;
+}
+
+// Runs a pooling plan over every (n, c) plane of a quantized NCHW (or 3-D CHW) input.
+at::Tensor run_pool_plan(const at::Tensor& input, const k::AvgPool2dPlan& plan, uint8_t flip,
+                         const detail::Int8Output& out) {
+  auto sizes = input.sizes().vec();
+  sizes[sizes.size() - 2] = plan.out_h;
+  sizes[sizes.size() - 1] = plan.out_w;
+  auto y = detail::empty_int8_output(sizes, out, input.options());
+  const auto x = input.contiguous();
+  const int64_t planes = x.numel() / (plan.in_h * plan.in_w);
+  const uint8_t* x_p = levels(x);
+  uint8_t* y_p = levels(y);
+  at::parallel_for(0, planes, 1, [&](int64_t b, int64_t e) {
+    k::avg_pool2d_u8(plan, x_p + b * plan.in_h * plan.in_w, e - b, flip,
+                     y_p + b * plan.out_h * plan.out_w);
+  });
+  return y;
+}
+
+std::pair<detail::Int8Input, detail::Int8Output> pool_io(const at::Tensor& input,
+                                                         double output_scale,
+                                                         int64_t output_zero_point,
+                                                         int64_t output_min, int64_t output_max,
+                                                         k::PoolQuant* quant, const char* op) {
+  const auto in = detail::resolve_int8_input(input, op);
+  TORCH_CHECK((input.dim() == 3 || input.dim() == 4) && input.size(-1) > 0 && input.size(-2) > 0,
+              op, ": input must be 3-D or 4-D with non-empty planes, got shape ", input.sizes());
+  const auto out = detail::resolve_int8_output(output_scale, output_zero_point, output_min,
+                                               output_max, /*relu=*/false, op);
+  const auto dom = uint8_domain(out);
+  // The pooling kernel flips bytes on the way in and out alike: in and out share one encoding.
+  TORCH_CHECK(in.flip == dom.flip, op, ": input ", input.scalar_type(), " and output ", out.dtype,
+              " must be both unsigned or both signed");
+  *quant = {in.scale, in.zero_point, out.scale, dom.zero_point, dom.min, dom.max};
+  return {in, out};
+}
+
+at::Tensor quantized_avg_pool2d_cpu(const at::Tensor& input, at::IntArrayRef kernel_size,
+                                    at::IntArrayRef stride, at::IntArrayRef padding,
+                                    bool ceil_mode, bool count_include_pad,
+                                    std::optional<int64_t> divisor_override, double output_scale,
+                                    int64_t output_zero_point, int64_t output_min,
+                                    int64_t output_max) {
+  constexpr const char* op = "qext.quantized_avg_pool2d";
+  k::PoolQuant quant{};
+  const auto [in, out] =
+      pool_io(input, output_scale, output_zero_point, output_min, output_max, &quant, op);
+  TORCH_CHECK(kernel_size.size() == 2 && stride.size() == 2 && padding.size() == 2, op,
+              ": kernel_size, stride and padding must have two values each, got ", kernel_size,
+              ", ", stride, ", ", padding);
+  TORCH_CHECK(!divisor_override.has_value() || *divisor_override > 0, op,
+              ": divisor_override must be > 0, got ", divisor_override.value_or(0));
+  const k::AvgPool2dOptions options{kernel_size[0],     kernel_size[1], stride[0],
+                                    stride[1],          padding[0],     padding[1],
+                                    ceil_mode,          count_include_pad,
+                                    divisor_override.value_or(0)};
+  k::AvgPool2dPlan plan;
+  const char* why = "";
+  TORCH_CHECK(k::make_avg_pool2d_plan(input.size(-2), input.size(-1), options, quant, &plan, &why),
+              op, ": ", why, " (input ", input.sizes(), ", kernel_size ", kernel_size, ", stride ",
+              stride, ", padding ", padding, ")");
+  return run_pool_plan(input, plan, in.flip, out);
+}
+
+at::Tensor quantized_adaptive_avg_pool2d_cpu(const at::Tensor& input, at::IntArrayRef output_size,
+                                             double output_scale, int64_t output_zero_point,
+                                             int64_t output_min, int64_t output_max) {
+  constexpr const char* op = "qext.quantized_adaptive_avg_pool2d";
+  k::PoolQuant quant{};
+  const auto [in, out] =
+      pool_io(input, output_scale, output_zero_point, output_min, output_max, &quant, op);
+  TORCH_CHECK(output_size.size() == 2 && output_size[0] > 0 && output_size[1] > 0, op,
+              ": output_size must be two values > 0, got ", output_size);
+  k::AvgPool2dPlan plan;
+  const char* why = "";
+  TORCH_CHECK(k::make_adaptive_avg_pool2d_plan(input.size(-2), input.size(-1), output_size[0],
+                                               output_size[1], quant, &plan, &why),
+              op, ": ", why);
+  return run_pool_plan(input, plan, in.flip, out);
+}
+
+// The layer ops dispatch on their quantized input (QuantizedCPU); registered at CPU too so that a
+// float (or integer) tensor given by mistake gets the op's own message rather than the dispatcher's.
+void register_layers(torch::Library& m) {
+  m.impl("quantized_linear", quantized_linear_cpu);
+  m.impl("quantized_conv2d", quantized_conv2d_cpu);
+  m.impl("quantized_add", quantized_add_cpu);
+  m.impl("quantized_avg_pool2d", quantized_avg_pool2d_cpu);
+  m.impl("quantized_adaptive_avg_pool2d", quantized_adaptive_avg_pool2d_cpu);
+}
+
+TORCH_LIBRARY_IMPL(qext, QuantizedCPU, m) { register_layers(m); }
+
+TORCH_LIBRARY_IMPL(qext, CPU, m) {
+  register_layers(m);
+  m.impl("pack_quantized_weight", pack_quantized_weight_cpu);
+}
+
+}  // namespace
+}  // namespace qext::ops

@@ -1,0 +1,69 @@
+// Integer-only layers of converted models (Jacob et al. 2018): int8 weights pre-packed once,
+// uint8 / int8 activations as per-tensor quantized tensors (torch.quint8 / torch.qint8, their scale and
+// zero point read from the tensor), int32 bias and accumulators, fixed-point requantization.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace qext::ops {
+
+// Packs int8 weights for quantized_linear ([out, in]) or quantized_conv2d ([out, in / groups, kh, kw])
+// into the layout the CPU kernels read (ISA independent: a packed weight runs on any CPU and, moved
+// to the GPU, on CUDA). Returns (packed int8 1-D, row_sums int32 [out]: the sum of each output
+// channel's weights). Depthwise weights (groups == out == in) are packed tap-major for the direct
+// depthwise kernel.
+std::tuple<at::Tensor, at::Tensor> pack_quantized_weight(const at::Tensor& weight,
+                                                         int64_t groups = 1);
+
+// y = requantize(sum_k (x - z_x) * w + round(bias / (s_x * s_w))) as a per-tensor quantized tensor
+// with output_scale / output_zero_point (quint8 when [output_min, output_max] fits [0, 255], else
+// qint8), clamped to [output_min, output_max] (and at the zero point with relu). Without
+// output_scale the output is float32: acc * s_x * s_w (relu applied). weight_scale: float32, one
+// entry (per tensor) or one per output channel; weights are symmetric (zero point 0).
+at::Tensor quantized_linear(const at::Tensor& input, const at::Tensor& packed_weight,
+                            const at::Tensor& row_sums, const at::Tensor& weight_scale,
+                            const std::optional<at::Tensor>& bias,
+                            std::optional<double> output_scale, int64_t output_zero_point,
+                            int64_t output_min, int64_t output_max, bool relu = false);
+
+// The same for a 2-D convolution (zero padding: padded taps are the input zero point). The output
+// is NCHW-shaped in channels_last memory format.
+at::Tensor quantized_conv2d(const at::Tensor& input, const at::Tensor& packed_weight,
+                            const at::Tensor& row_sums, const at::Tensor& weight_scale,
+                            const std::optional<at::Tensor>& bias, at::IntArrayRef kernel_size,
+                            at::IntArrayRef stride, at::IntArrayRef padding,
+                            at::IntArrayRef dilation, int64_t groups,
+                            std::optional<double> output_scale, int64_t output_zero_point,
+                            int64_t output_min, int64_t output_max, bool relu = false);
+
+// Residual add of two quantized tensors of one shape, requantized to the output parameters.
+at::Tensor quantized_add(const at::Tensor& a, const at::Tensor& b, double output_scale,
+                         int64_t output_zero_point, int64_t output_min, int64_t output_max,
+                         bool relu = false);
+
+// Average pooling of a quantized NCHW tensor (torch.nn.AvgPool2d's windows), requantized to the
+// output parameters.
+at::Tensor quantized_avg_pool2d(const at::Tensor& input, at::IntArrayRef kernel_size,
+                                at::IntArrayRef stride, at::IntArrayRef padding, bool ceil_mode,
+                                bool count_include_pad, std::optional<int64_t> divisor_override,
+                                double output_scale, int64_t output_zero_point,
+                                int64_t output_min, int64_t output_max);
+
+// Adaptive average pooling (torch.nn.AdaptiveAvgPool2d's windows), requantized.
+at::Tensor quantized_adaptive_avg_pool2d(const at::Tensor& input, at::IntArrayRef output_size,
+                                         double output_scale, int64_t output_zero_point,
+                                         int64_t output_min, int64_t output_max);
+
+// Which CPU kernels the integer layers use: "auto" (the fastest this CPU runs; AMX from 32 rows) or
+// one of supported_int8_isas() ("scalar", "avx2", "avx512_vnni", "amx"), for tests and benchmarks.
+void set_int8_isa(const std::string& name);
+std::string int8_isa();
+std::vector<std::string> supported_int8_isas();
+
+}  // namespace qext::ops

@@ -1,0 +1,339 @@
+"""The integer-only layer ops (torch.ops.qext.quantized_*) against independent references:
+
+* exact integer arithmetic in float64 (products of 8-bit levels and their sums are exact there) with the
+  real-valued requantization ``floor(acc * m + 1/2)``: the fixed-point kernels must agree exactly except
+  where ``acc * m`` is within the fixed-point rounding of a .5 tie (then by one step);
+* PyTorch's own quantized engines (torch.ao / fbgemm): within one output step;
+* every CPU ISA this machine runs bit-identical to the scalar kernels.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import qext
+
+ops = torch.ops.qext
+
+# A real result this close to a .5 tie may round either way in the fixed-point kernels (the
+# multiplier has 31 bits and requantization rounds twice; see qgemm.h).
+TIE_WINDOW = 1.0 / 256
+
+
+def qtensor(levels: torch.Tensor, scale: float, zero_point: int, dtype=torch.quint8):
+    storage = torch.uint8 if dtype == torch.quint8 else torch.int8
+    return torch._make_per_tensor_quantized_tensor(levels.to(storage), scale, zero_point)
+
+
+def random_qtensor(shape, dtype=torch.quint8, scale=0.05, zero_point=None, gen=None):
+    lo, hi = (0, 255) if dtype == torch.quint8 else (-128, 127)
+    levels = torch.randint(lo, hi + 1, shape, generator=gen)
+    if zero_point is None:
+        zero_point = int(torch.randint(lo, hi + 1, (1,), generator=gen))
+    return qtensor(levels, scale, zero_point, dtype)
+
+
+def random_weight(out_features, *rest, lo=-127, hi=127):
+    return torch.randint(lo, hi + 1, (out_features, *rest), dtype=torch.int8)
+
+
+def requantize_reference(acc, m, zero_point, lo, hi):
+    """(levels, ambiguous): floor(acc * m + 1/2) + zero_point clamped, and where that is a near tie."""
+    real = acc * m
+    frac = real - torch.floor(real)
+    levels = torch.floor(real + 0.5) + zero_point
+    return levels.clamp(lo, hi), (frac - 0.5).abs() < TIE_WINDOW
+
+
+def assert_matches_reference(out_levels, ref_levels, ambiguous, max_ambiguous=0.02):
+    out = out_levels.to(torch.float64)
+    diff = (out - ref_levels).abs()
+    assert bool((diff[~ambiguous] == 0).all()), f"{int((diff[~ambiguous] != 0).sum())} outputs differ away from ties"
+    assert bool((diff <= 1).all())
+    # The window is narrow: few outputs of a layer can be near ties (pooling has many exact ones).
+    assert float(ambiguous.double().mean()) < max_ambiguous
+
+
+def linear_reference(x, w, w_scale, bias, out_scale, out_zp, lo, hi, relu):
+    sx, zx = x.q_scale(), x.q_zero_point()
+    xc = x.int_repr().double() - zx
+    acc_scale = sx * w_scale.double()
+    acc = xc @ w.double().t()
+    if bias is not None:
+        acc = acc + torch.round(bias.double() / acc_scale)
+    if out_scale is None:
+        y = (acc * acc_scale).float()
+        return F.relu(y) if relu else y
+    lo = max(lo, out_zp) if relu else lo
+    return requantize_reference(acc, acc_scale / out_scale, out_zp, lo, hi)
+
+
+def pack(w, groups=1):
+    return ops.pack_quantized_weight(w, groups)
+
+
+@pytest.mark.parametrize("M,K,N", [(1, 1, 1), (1, 64, 16), (3, 7, 5), (17, 65, 33), (64, 300, 40), (130, 1024, 17)])
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_linear_matches_integer_reference(M, K, N, per_channel):
+    g = torch.Generator().manual_seed(M * 1000 + K + N)
+    x = random_qtensor((M, K), gen=g, scale=0.02)
+    w = random_weight(N, K)
+    w_scale = (torch.rand(N if per_channel else 1, generator=g) * 0.01 + 0.001).float()
+    bias = torch.randn(N, generator=g)
+    out_scale = 0.02 * 0.005 * math.sqrt(K) * 40
+    packed, sums = pack(w)
+    assert torch.equal(sums, w.int().sum(1, dtype=torch.int32))
+    for relu in (False, True):
+        y = ops.quantized_linear(x, packed, sums, w_scale, bias, out_scale, 100, 0, 255, relu)
+        assert y.dtype == torch.quint8 and y.shape == (M, N) and y.q_scale() == out_scale and y.q_zero_point() == 100
+        ref, amb = linear_reference(x, w, w_scale.expand(N), bias, out_scale, 100, 0, 255, relu)
+        assert_matches_reference(y.int_repr(), ref, amb)
+
+
+def test_linear_float_output_and_signed_levels():
+    x = random_qtensor((9, 70), dtype=torch.qint8, scale=0.03, zero_point=-5)
+    w = random_weight(12, 70)
+    w_scale = torch.rand(12) * 0.01 + 0.001
+    bias = torch.randn(12)
+    packed, sums = pack(w)
+    y = ops.quantized_linear(x, packed, sums, w_scale, bias, None, 0, 0, 0, True)
+    assert y.dtype == torch.float32
+    ref = linear_reference(x, w, w_scale, bias, None, 0, 0, 0, True)
+    torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6)
+    # int8 output range
+    yq = ops.quantized_linear(x, packed, sums, w_scale, bias, 0.05, -3, -128, 127, False)
+    assert yq.dtype == torch.qint8
+    ref, amb = linear_reference(x, w, w_scale, bias, 0.05, -3, -128, 127, False)
+    assert_matches_reference(yq.int_repr(), ref, amb)
+
+
+def test_linear_extreme_levels():
+    K, N = 200, 20
+    w = torch.cat([torch.full((N // 2, K), -128, dtype=torch.int8), torch.full((N // 2, K), 127, dtype=torch.int8)])
+    packed, sums = pack(w)
+    for level, zp in ((0, 255), (255, 0), (255, 255), (0, 0)):
+        x = qtensor(torch.full((4, K), level), 0.01, zp)
+        y = ops.quantized_linear(x, packed, sums, torch.tensor([1e-4]), None, None, 0, 0, 0, False)
+        expected = (level - zp) * w[:, 0].double() * K * 0.01 * 1e-4
+        torch.testing.assert_close(y, expected.float().expand(4, N), rtol=1e-6, atol=0)
+
+
+def test_linear_against_torch_ao_fbgemm():
+    torch.backends.quantized.engine = "fbgemm"
+    g = torch.Generator().manual_seed(3)
+    M, K, N = 32, 256, 48
+    xf = torch.randn(M, K, generator=g)
+    wf = torch.randn(N, K, generator=g)
+    bias = torch.randn(N, generator=g)
+    w_scale = wf.abs().amax(1) / 127
+    qx = torch.quantize_per_tensor(xf, 0.03, 120, torch.quint8)
+    qw = torch.quantize_per_channel(wf, w_scale.double(), torch.zeros(N, dtype=torch.long), 0, torch.qint8)
+    lin = torch.ao.nn.quantized.Linear(K, N)
+    lin.set_weight_bias(qw, bias)
+    lin.scale, lin.zero_point = 0.15, 64
+    expected = lin(qx).int_repr().int()
+    packed, sums = pack(qw.int_repr())
+    ours = ops.quantized_linear(qx, packed, sums, w_scale.float(), bias, 0.15, 64, 0, 255, False).int_repr().int()
+    assert int((ours - expected).abs().max()) <= 1
+    assert float((ours != expected).double().mean()) < 0.01
+
+
+CONV_CASES = [
+    # (batch, C, H, W, OC, k, stride, padding, dilation, groups)
+    (1, 1, 8, 8, 4, 3, 1, 1, 1, 1),
+    (2, 3, 9, 7, 5, 3, 2, 0, 1, 1),
+    (2, 8, 10, 10, 16, 3, 1, 2, 2, 1),
+    (1, 6, 7, 7, 9, 1, 1, 0, 1, 3),
+    (2, 16, 6, 6, 16, 3, 1, 1, 1, 16),  # depthwise
+    (1, 24, 9, 9, 24, 5, 2, 2, 1, 24),  # depthwise 5x5 stride 2
+    (1, 32, 5, 5, 64, 1, 1, 0, 1, 1),  # 1x1
+]
+
+
+def conv_reference(x, w, w_scale, bias, out_scale, out_zp, lo, hi, relu, stride, padding, dilation, groups):
+    sx, zx = x.q_scale(), x.q_zero_point()
+    xc = x.int_repr().double() - zx  # zero padding of (q - z) is padding q with its zero point
+    acc = F.conv2d(xc, w.double(), None, stride, padding, dilation, groups)
+    acc_scale = (sx * w_scale.double()).reshape(1, -1, 1, 1)
+    if bias is not None:
+        acc = acc + torch.round(bias.double().reshape(1, -1, 1, 1) / acc_scale)
+    if out_scale is None:
+        y = (acc * acc_scale).float()
+        return F.relu(y) if relu else y
+    lo = max(lo, out_zp) if relu else lo
+    return requantize_reference(acc, acc_scale / out_scale, out_zp, lo, hi)
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_conv2d_matches_integer_reference(case, channels_last):
+    B, C, H, W, OC, k, s, p, d, groups = case
+    g = torch.Generator().manual_seed(sum(case))
+    x = random_qtensor((B, C, H, W), gen=g, scale=0.04)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = random_weight(OC, C // groups, k, k)
+    w_scale = torch.rand(OC, generator=g) * 0.01 + 0.002
+    bias = torch.randn(OC, generator=g)
+    out_scale = 0.04 * 0.007 * math.sqrt(C // groups * k * k) * 30
+    packed, sums = pack(w, groups)
+    for relu in (False, True):
+        y = ops.quantized_conv2d(x, packed, sums, w_scale, bias, [k, k], [s, s], [p, p], [d, d], groups,
+                                 out_scale, 128, 0, 255, relu)
+        ref, amb = conv_reference(x, w, w_scale, bias, out_scale, 128, 0, 255, relu, s, p, d, groups)
+        assert y.shape == ref.shape and y.is_contiguous(memory_format=torch.channels_last)
+        assert_matches_reference(y.int_repr(), ref, amb)
+
+
+def test_conv2d_signed_input_and_float_output():
+    x = random_qtensor((2, 4, 6, 6), dtype=torch.qint8, scale=0.05, zero_point=3)
+    w = random_weight(6, 4, 3, 3)
+    w_scale = torch.rand(6) * 0.01 + 0.002
+    packed, sums = pack(w)
+    y = ops.quantized_conv2d(x, packed, sums, w_scale, None, [3, 3], [1, 1], [1, 1], [1, 1], 1, None, 0, 0, 0, False)
+    ref = conv_reference(x, w, w_scale, None, None, 0, 0, 0, False, 1, 1, 1, 1)
+    torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_every_isa_is_bit_identical_to_scalar():
+    isas = qext._C.supported_int8_isas()
+    assert "scalar" in isas
+    g = torch.Generator().manual_seed(11)
+    x_lin = random_qtensor((70, 333), gen=g)
+    w_lin = random_weight(45, 333)
+    x_conv = random_qtensor((3, 16, 12, 12), gen=g).contiguous(memory_format=torch.channels_last)
+    w_conv = random_weight(32, 16, 3, 3)
+    x_dw = random_qtensor((2, 40, 9, 9), gen=g)
+    w_dw = random_weight(40, 1, 3, 3)
+
+    def run():
+        pl, sl = pack(w_lin)
+        pc, sc = pack(w_conv)
+        pd, sd = pack(w_dw, 40)
+        return [
+            ops.quantized_linear(x_lin, pl, sl, torch.full((45,), 0.003), torch.randn(45, generator=torch.Generator().manual_seed(1)), 0.9, 7, 0, 255, False).int_repr(),
+            ops.quantized_linear(x_lin, pl, sl, torch.full((45,), 0.003), None, None, 0, 0, 0, True),
+            ops.quantized_conv2d(x_conv, pc, sc, torch.full((32,), 0.004), None, [3, 3], [1, 1], [1, 1], [1, 1], 1, 0.7, 30, 0, 255, True).int_repr(),
+            ops.quantized_conv2d(x_dw, pd, sd, torch.full((40,), 0.01), None, [3, 3], [2, 2], [1, 1], [1, 1], 40, 0.3, 128, 0, 255, False).int_repr(),
+        ]
+
+    try:
+        qext._C.set_int8_isa("scalar")
+        expected = run()
+        for isa in isas:
+            qext._C.set_int8_isa(isa)
+            for got, want in zip(run(), expected):
+                assert torch.equal(got, want), isa
+    finally:
+        qext._C.set_int8_isa("auto")
+    with pytest.raises(RuntimeError, match="unknown ISA 'sse9'"):
+        qext._C.set_int8_isa("sse9")
+
+
+def add_reference(a, b, out_scale, out_zp, lo, hi, relu):
+    real = ((a.int_repr().double() - a.q_zero_point()) * a.q_scale()
+            + (b.int_repr().double() - b.q_zero_point()) * b.q_scale()) / out_scale
+    levels = torch.floor(real + 0.5) + out_zp
+    lo = max(lo, out_zp) if relu else lo
+    frac = real - torch.floor(real)
+    return levels.clamp(lo, hi), (frac - 0.5).abs() < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.quint8, torch.qint8])
+def test_add_matches_reference_and_torch(dtype):
+    g = torch.Generator().manual_seed(5)
+    a = random_qtensor((3, 8, 11, 13), dtype=dtype, scale=0.07, gen=g)
+    b = random_qtensor((3, 8, 11, 13), dtype=dtype, scale=0.03, gen=g)
+    lo, hi, zp = (0, 255, 90) if dtype == torch.quint8 else (-128, 127, -10)
+    for relu in (False, True):
+        y = ops.quantized_add(a, b, 0.09, zp, lo, hi, relu)
+        ref, amb = add_reference(a, b, 0.09, zp, lo, hi, relu)
+        assert_matches_reference(y.int_repr(), ref, amb)
+    if dtype == torch.quint8:
+        theirs = torch.ops.quantized.add(a, b, 0.09, zp).int_repr().int()
+        assert int((ops.quantized_add(a, b, 0.09, zp, 0, 255, False).int_repr().int() - theirs).abs().max()) <= 1
+    # mixed memory formats
+    y_cl = ops.quantized_add(a.contiguous(memory_format=torch.channels_last), b, 0.09, zp, lo, hi, False)
+    assert torch.equal(y_cl.int_repr(), ops.quantized_add(a, b, 0.09, zp, lo, hi, False).int_repr())
+
+
+@pytest.mark.parametrize(
+    "kernel,stride,padding,ceil_mode,count_include_pad,divisor",
+    [(2, 2, 0, False, True, None), (3, 2, 1, False, True, None), (3, 2, 1, True, False, None), (3, 1, 1, False, True, 5)],
+)
+def test_avg_pool_matches_float_pool(kernel, stride, padding, ceil_mode, count_include_pad, divisor):
+    x = random_qtensor((2, 5, 9, 10), scale=0.05, zero_point=20)
+    y = ops.quantized_avg_pool2d(x, [kernel] * 2, [stride] * 2, [padding] * 2, ceil_mode, count_include_pad, divisor, 0.04, 10, 0, 255)
+    real = F.avg_pool2d(x.int_repr().double() - 20, kernel, stride, padding, ceil_mode, count_include_pad, divisor) * (0.05 / 0.04)
+    frac = real - torch.floor(real)
+    ref = (torch.floor(real + 0.5) + 10).clamp(0, 255)
+    assert_matches_reference(y.int_repr(), ref, (frac - 0.5).abs() < 1e-6, max_ambiguous=0.5)
+
+
+def test_adaptive_avg_pool_matches_float_pool():
+    x = random_qtensor((2, 3, 10, 7), dtype=torch.qint8, scale=0.05, zero_point=-4)
+    y = ops.quantized_adaptive_avg_pool2d(x, [3, 4], 0.05, -4, -128, 127)
+    real = F.adaptive_avg_pool2d(x.int_repr().double() + 4, (3, 4))
+    frac = real - torch.floor(real)
+    ref = (torch.floor(real + 0.5) - 4).clamp(-128, 127)
+    assert_matches_reference(y.int_repr(), ref, (frac - 0.5).abs() < 1e-6, max_ambiguous=0.5)
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def test_bad_input_gives_clear_errors():
+    x = random_qtensor((4, 16))
+    w = random_weight(8, 16)
+    packed, sums = pack(w)
+    ws = torch.full((8,), 0.01)
+    with pytest.raises(RuntimeError, match="input must be a per-tensor quantized tensor.*Float"):
+        ops.quantized_linear(torch.randn(4, 16), packed, sums, ws, None, 0.1, 0, 0, 255, False)
+    with pytest.raises(RuntimeError, match="packed_weight has .* bytes"):
+        ops.quantized_linear(x, packed[:-1], sums, ws, None, 0.1, 0, 0, 255, False)
+    with pytest.raises(RuntimeError, match="packed_weight has .* bytes"):
+        ops.quantized_linear(random_qtensor((4, 15)), packed, sums, ws, None, 0.1, 0, 0, 255, False)
+    with pytest.raises(RuntimeError, match="row_sums must be"):
+        ops.quantized_linear(x, packed, sums.long(), ws, None, 0.1, 0, 0, 255, False)
+    with pytest.raises(RuntimeError, match=r"weight_scale\[2\] = -1"):
+        bad = ws.clone()
+        bad[2] = -1
+        ops.quantized_linear(x, packed, sums, bad, None, 0.1, 0, 0, 255, False)
+    with pytest.raises(RuntimeError, match="output_scale must be finite and > 0, got nan"):
+        ops.quantized_linear(x, packed, sums, ws, None, float("nan"), 0, 0, 255, False)
+    with pytest.raises(RuntimeError, match="output_zero_point 300"):
+        ops.quantized_linear(x, packed, sums, ws, None, 0.1, 300, 0, 255, False)
+    with pytest.raises(RuntimeError, match="fits neither uint8 nor int8"):
+        ops.quantized_linear(x, packed, sums, ws, None, 0.1, 0, 0, 1000, False)
+    with pytest.raises(RuntimeError, match=r"bias\[0\] = inf"):
+        b = torch.zeros(8)
+        b[0] = float("inf")
+        ops.quantized_linear(x, packed, sums, ws, b, 0.1, 0, 0, 255, False)
+    with pytest.raises(RuntimeError, match="weight must be int8"):
+        ops.pack_quantized_weight(w.float(), 1)
+    with pytest.raises(RuntimeError, match="weight is empty"):
+        ops.pack_quantized_weight(torch.empty(0, 4, dtype=torch.int8), 1)
+    with pytest.raises(RuntimeError, match="per tensor"):
+        qw = torch.quantize_per_channel(torch.randn(4, 16), torch.ones(4, dtype=torch.double), torch.zeros(4, dtype=torch.long), 0, torch.quint8)
+        ops.quantized_linear(qw, packed, sums, ws, None, 0.1, 0, 0, 255, False)
+    # K too large for exact int32 accumulation
+    K = 70000
+    wk = torch.ones(1, K, dtype=torch.int8)
+    pk, sk = pack(wk)
+    with pytest.raises(RuntimeError, match="overflow the exact int32 accumulation"):
+        ops.quantized_linear(random_qtensor((1, K)), pk, sk, torch.tensor([0.01]), None, 0.1, 0, 0, 255, False)
+    # conv shapes
+    xc = random_qtensor((1, 4, 5, 5))
+    pc, sc = pack(random_weight(6, 4, 3, 3))
+    with pytest.raises(RuntimeError, match="input must be 4-D"):
+        ops.quantized_conv2d(random_qtensor((4, 5, 5)), pc, sc, torch.tensor([0.01]), None, [3, 3], [1, 1], [0, 0], [1, 1], 1, 0.1, 0, 0, 255, False)
+    with pytest.raises(RuntimeError, match="too small"):
+        ops.quantized_conv2d(random_qtensor((1, 4, 2, 2)), pc, sc, torch.tensor([0.01]), None, [3, 3], [1, 1], [0, 0], [1, 1], 1, 0.1, 0, 0, 255, False)
+    with pytest.raises(RuntimeError, match="packed_weight has"):
+        ops.quantized_conv2d(xc, pc, sc, torch.tensor([0.01]), None, [5, 5], [1, 1], [0, 0], [1, 1], 1, 0.1, 0, 0, 255, False)
+    with pytest.raises(RuntimeError, match="groups = 3 must divide"):
+        ops.quantized_conv2d(xc, pc, sc, torch.tensor([0.01]), None, [3, 3], [1, 1], [0, 0], [1, 1], 3, 0.1, 0, 0, 255, False)
+    with pytest.raises(RuntimeError, match="one shape"):
+        ops.quantized_add(random_qtensor((2, 3)), random_qtensor((3, 2)), 0.1, 0, 0, 255)
