@@ -98,7 +98,7 @@ def linear_variants(M: int, K: int, N: int) -> dict:
     ws = w_scale.float()
 
     def qext_linear():
-        return ops.quantized_linear(qx, packed, sums, ws, bias, out_scale, 128, 0, 255, False)
+        return ops.quantized_linear(qx, packed, sums, [N, K], ws, bias, out_scale, 128, 0, 255, False)
 
     fns = {"qext": qext_linear}
     for isa in qext._C.supported_int8_isas():
@@ -126,7 +126,7 @@ def conv_variants(channels_last: bool) -> dict:
     packed, sums = ops.pack_quantized_weight(qw.int_repr(), 1)
     ws = w_scale.float()
     fns = {
-        "qext": lambda: ops.quantized_conv2d(qx, packed, sums, ws, bias, [3, 3], [1, 1], [1, 1], [1, 1], 1,
+        "qext": lambda: ops.quantized_conv2d(qx, packed, sums, [64, 64, 3, 3], ws, bias, [1, 1], [1, 1], [1, 1], 1,
                                             0.2, 128, 0, 255, False)
     }
     for eng in ENGINES:

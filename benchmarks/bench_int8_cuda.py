@@ -74,7 +74,7 @@ def bench_shape(M: int, N: int, K: int, args) -> dict:
     out_scale = None if args.float_output else 0.05
 
     def qext_fn():
-        return torch.ops.qext.quantized_linear(x, packed, row_sums, w_scale, bias, out_scale, 128,
+        return torch.ops.qext.quantized_linear(x, packed, row_sums, [N, K], w_scale, bias, out_scale, 128,
                                                0, 255, False)
 
     row = {"M": M, "N": N, "K": K, "output": "float32" if args.float_output else "quint8"}

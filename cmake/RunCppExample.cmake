@@ -87,7 +87,7 @@ if(NOT python_predictions STREQUAL cpp_predictions)
       endif()
     endforeach()
   endif()
-  message(FATAL_ERROR "C++ and Python predictions differ: ${n_diff} of ${n} lines differ "
+  message(FATAL_ERROR "C++ and Python predictions differ: ${n_diff} of the first ${n} lines differ "
                       "(Python ${n_py} lines, C++ ${n_cpp} lines);${examples} files in ${export_dir}")
 endif()
 string(REGEX MATCHALL "\n" newlines "${cpp_predictions}")

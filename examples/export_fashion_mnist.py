@@ -52,7 +52,9 @@ def main(argv=None) -> int:
     p.add_argument("--widths", type=str, default="16,32,32", help="conv widths without --full")
     p.add_argument("--hidden", type=int, default=64, help="hidden linear width without --full")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch.set_num_threads (this small net gains little from more, and loses much when the "
+                        "cores are shared)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     args = p.parse_args(argv)
@@ -86,7 +88,7 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     model = make_cnn(widths, hidden)
     print(f"fp32: {fp32_steps} steps at batch {batch}, widths {widths}, hidden {hidden}")
-    train(model, BatchStream(x_train, y_train, batch, args.seed), fp32_steps, lr, "fp32", 0, cosine=True)
+    fp32_s = train(model, BatchStream(x_train, y_train, batch, args.seed), fp32_steps, lr, "fp32", 0, cosine=True)
     fp32_acc = accuracy(predict(model, x_test)[0], y_test)
 
     freeze_bn = max(1, qat_steps // 2)
@@ -99,7 +101,8 @@ def main(argv=None) -> int:
 
     print(f"qext int8 QAT: {qat_steps} steps (batch-norm statistics frozen after {freeze_bn}, observers after "
           f"{freeze_obs})")
-    train(qat, BatchStream(x_train, y_train, batch, args.seed + 1), qat_steps, qat_lr, "qat", 0, on_step=on_step)
+    qat_s = train(qat, BatchStream(x_train, y_train, batch, args.seed + 1), qat_steps, qat_lr, "qat", 0,
+                  on_step=on_step)
     qat.eval()
     qext.enable_observer(qat, False)
     qat_acc = accuracy(predict(qat, x_test)[0], y_test)
@@ -125,6 +128,7 @@ def main(argv=None) -> int:
     same = int((ts_pred == pred).sum())
 
     n = len(x_test)
+    print(f"training: fp32 {fp32_s:.1f} s, QAT {qat_s:.1f} s")
     print(f"test accuracy on {n} images: fp32 {100 * fp32_acc:.2f}%, int8 QAT (fake-quant) {100 * qat_acc:.2f}%, "
           f"converted integer model {100 * int_acc:.2f}%")
     print(f"eager converted model: {n / eval_s:.0f} images/s; TorchScript file in Python: {n / ts_s:.0f} images/s, "

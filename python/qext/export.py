@@ -126,10 +126,10 @@ def _describe_difference(eager: Any, traced: Any, where: str = "output") -> Opti
     return None if eager == traced else f"{where}: {eager!r} vs {traced!r}"
 
 
-def _check_outputs(model, module, inputs: Sequence[tuple], what: str, notes: list) -> None:
-    for i, inp in enumerate(inputs):
+def _check_outputs(expected_outputs: list, module, inputs: Sequence[tuple], what: str, notes: list) -> None:
+    for i, (inp, expected) in enumerate(zip(inputs, expected_outputs)):
         with torch.no_grad():
-            expected, got = model(*inp), module(*inp)
+            got = module(*inp)
         d = _describe_difference(expected, got)
         if d is not None:
             label = "example_inputs" if i == 0 else f"check_inputs[{i - 1}]"
@@ -161,7 +161,7 @@ def save_torchscript(
     written. ``extra_files`` (name -> contents) are stored in the archive (``torch::jit::load`` reads them
     with an ``ExtraFilesMap``), e.g. the input normalisation the model expects.
 
-    The file is written atomically (a temporary file in the same directory, then renamed). Returns the
+    The file is written atomically (in a temporary folder in the same directory, then renamed). Returns the
     traced module. The model's training flag is restored afterwards.
     """
     path = os.fspath(path)
@@ -182,23 +182,27 @@ def save_torchscript(
                                    source=w.source)
             if issubclass(w.category, torch.jit.TracerWarning):
                 notes.append(f"{os.path.basename(w.filename)}:{w.lineno}: {str(w.message).splitlines()[0]}")
-        _check_outputs(model, traced, all_inputs, "the traced module", notes)
+        with torch.no_grad():
+            expected = [model(*inp) for inp in all_inputs]
+        _check_outputs(expected, traced, all_inputs, "the traced module", notes)
 
         directory = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(directory):
             raise FileNotFoundError(f"qext.save_torchscript: directory {directory} does not exist")
-        fd, tmp = tempfile.mkstemp(prefix=".qext-", suffix=".pt.tmp", dir=directory)
-        os.close(fd)
+        # Written under the final name in a private folder (torch.jit.save names the archive's root
+        # folder after the file), then renamed into place.
+        tmp_dir = tempfile.mkdtemp(prefix=".qext-save-", dir=directory)
+        tmp = os.path.join(tmp_dir, os.path.basename(path))
         try:
             files = {k: (v.encode() if isinstance(v, str) else bytes(v)) for k, v in (extra_files or {}).items()}
             torch.jit.save(traced, tmp, _extra_files=files)
             loaded = load_torchscript(tmp)
-            _check_outputs(model, loaded, all_inputs, f"the module saved to {path} and loaded back", notes)
+            _check_outputs(expected, loaded, all_inputs, f"the module saved to {path} and loaded back", notes)
             os.replace(tmp, path)
-        except BaseException:
+        finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-            raise
+            os.rmdir(tmp_dir)
     finally:
         model.train(was_training)
     return traced

@@ -92,13 +92,13 @@ def assert_same(y_cuda, y_cpu):
 
 def run_linear(x, w, w_scale, bias, out_range, relu, gen):
     packed, row_sums = ops.pack_quantized_weight(w)
-    y_float = ops.quantized_linear(x, packed, row_sums, w_scale, bias, None, 0, 0, 255, False)
+    y_float = ops.quantized_linear(x, packed, row_sums, w.shape, w_scale, bias, None, 0, 0, 255, False)
     kwargs = output_args(y_float, out_range, gen, relu)
     args = (kwargs["output_scale"], kwargs["output_zero_point"], kwargs["output_min"],
             kwargs["output_max"], kwargs["relu"])
-    y_cpu = ops.quantized_linear(x, packed, row_sums, w_scale, bias, *args)
+    y_cpu = ops.quantized_linear(x, packed, row_sums, w.shape, w_scale, bias, *args)
     bias_cuda = None if bias is None else bias.cuda()
-    y_cuda = ops.quantized_linear(to_cuda(x), packed.cuda(), row_sums.cuda(), w_scale.cuda(),
+    y_cuda = ops.quantized_linear(to_cuda(x), packed.cuda(), row_sums.cuda(), w.shape, w_scale.cuda(),
                                   bias_cuda, *args)
     assert_same(y_cuda, y_cpu)
     return y_cuda
@@ -150,9 +150,9 @@ def test_linear_noncontiguous_input():
     w, w_scale = random_weight(gen, (24, 64))
     packed, row_sums = ops.pack_quantized_weight(w)
     args = (0.5, 3, -128, 127, False)
-    y_cpu = ops.quantized_linear(x, packed, row_sums, w_scale, None, *args)
+    y_cpu = ops.quantized_linear(x, packed, row_sums, w.shape, w_scale, None, *args)
     x_cuda = to_cuda(base).t()
-    y_cuda = ops.quantized_linear(x_cuda, packed.cuda(), row_sums.cuda(), w_scale, None, *args)
+    y_cuda = ops.quantized_linear(x_cuda, packed.cuda(), row_sums.cuda(), w.shape, w_scale, None, *args)
     assert_same(y_cuda, y_cpu)
 
 
@@ -178,12 +178,12 @@ def test_linear_extreme_values(in_dtype):
                 continue
             for lo, hi in [(0, 255), (-128, 127)]:
                 args = (out_scale, (lo + hi) // 2, lo, hi, False)
-                y_cpu = ops.quantized_linear(x, packed, row_sums, w_scale, None, *args)
-                y_cuda = ops.quantized_linear(to_cuda(x), packed.cuda(), row_sums.cuda(), w_scale,
+                y_cpu = ops.quantized_linear(x, packed, row_sums, w.shape, w_scale, None, *args)
+                y_cuda = ops.quantized_linear(to_cuda(x), packed.cuda(), row_sums.cuda(), w.shape, w_scale,
                                               None, *args)
                 assert_same(y_cuda, y_cpu)
-        y_cpu = ops.quantized_linear(x, packed, row_sums, w_scale, None, None, 0, 0, 255, True)
-        y_cuda = ops.quantized_linear(to_cuda(x), packed.cuda(), row_sums.cuda(), w_scale, None,
+        y_cpu = ops.quantized_linear(x, packed, row_sums, w.shape, w_scale, None, None, 0, 0, 255, True)
+        y_cuda = ops.quantized_linear(to_cuda(x), packed.cuda(), row_sums.cuda(), w.shape, w_scale, None,
                                       None, 0, 0, 255, True)
         assert_same(y_cuda, y_cpu)
 
@@ -197,8 +197,8 @@ def test_linear_random_multipliers():
     bias = torch.randn(64, generator=gen) * 1e-3
     packed, row_sums = ops.pack_quantized_weight(w)
     args = (0.02, 128, 0, 255, False)
-    y_cpu = ops.quantized_linear(x, packed, row_sums, w_scale, bias, *args)
-    y_cuda = ops.quantized_linear(to_cuda(x), packed.cuda(), row_sums.cuda(), w_scale.cuda(),
+    y_cpu = ops.quantized_linear(x, packed, row_sums, w.shape, w_scale, bias, *args)
+    y_cuda = ops.quantized_linear(to_cuda(x), packed.cuda(), row_sums.cuda(), w.shape, w_scale.cuda(),
                                   bias.cuda(), *args)
     assert_same(y_cuda, y_cpu)
 
@@ -233,17 +233,17 @@ def run_conv(case, in_dtype, out_range, memory_format, relu, gen, with_bias=True
     w, w_scale = random_weight(gen, (oc, c // g, k[0], k[1]))
     bias = torch.randn(oc, generator=gen) if with_bias else None
     packed, row_sums = ops.pack_quantized_weight(w, g)
-    geo = (list(k), list(s), list(p), list(d), g)
+    geo = (list(s), list(p), list(d), g)
     if out_range is None:
         args = (None, 0, 0, 255, relu)
     else:
         probe = (1.0, 0, -128, 127, False)  # a rough output range from a wide quantized probe
-        y_probe = ops.quantized_conv2d(x, packed, row_sums, w_scale, bias, *geo, *probe)
+        y_probe = ops.quantized_conv2d(x, packed, row_sums, w.shape, w_scale, bias, *geo, *probe)
         lo, hi = out_range
         span = float(y_probe.dequantize().max() - y_probe.dequantize().min())
         args = (max(span, 1.0) / (hi - lo), (lo + hi) // 2, lo, hi, relu)
-    y_cpu = ops.quantized_conv2d(x, packed, row_sums, w_scale, bias, *geo, *args)
-    y_cuda = ops.quantized_conv2d(to_cuda(x), packed.cuda(), row_sums.cuda(), w_scale,
+    y_cpu = ops.quantized_conv2d(x, packed, row_sums, w.shape, w_scale, bias, *geo, *args)
+    y_cuda = ops.quantized_conv2d(to_cuda(x), packed.cuda(), row_sums.cuda(), w.shape, w_scale,
                                   None if bias is None else bias.cuda(), *geo, *args)
     assert_same(y_cuda, y_cpu)
     assert y_cuda.is_contiguous(memory_format=torch.channels_last)
@@ -279,17 +279,17 @@ def test_errors_match_cpu():
     good = (None, 0.1, 0, 0, 255, False)
     cases = [
         # float input
-        (lambda: ops.quantized_linear(x.dequantize(), packed, row_sums, w_scale, *good),
-         lambda: ops.quantized_linear(xc.dequantize(), pc, rc, w_scale, *good)),
+        (lambda: ops.quantized_linear(x.dequantize(), packed, row_sums, w.shape, w_scale, *good),
+         lambda: ops.quantized_linear(xc.dequantize(), pc, rc, w.shape, w_scale, *good)),
         # packed weight of the wrong size
-        (lambda: ops.quantized_linear(x, packed[:-1], row_sums, w_scale, *good),
-         lambda: ops.quantized_linear(xc, pc[:-1], rc, w_scale, *good)),
+        (lambda: ops.quantized_linear(x, packed[:-1], row_sums, w.shape, w_scale, *good),
+         lambda: ops.quantized_linear(xc, pc[:-1], rc, w.shape, w_scale, *good)),
         # bad output range
-        (lambda: ops.quantized_linear(x, packed, row_sums, w_scale, None, 0.1, 0, 5, 5, False),
-         lambda: ops.quantized_linear(xc, pc, rc, w_scale, None, 0.1, 0, 5, 5, False)),
+        (lambda: ops.quantized_linear(x, packed, row_sums, w.shape, w_scale, None, 0.1, 0, 5, 5, False),
+         lambda: ops.quantized_linear(xc, pc, rc, w.shape, w_scale, None, 0.1, 0, 5, 5, False)),
     ]
     for cpu_fn, cuda_fn in cases:
         assert error_of(cuda_fn) == error_of(cpu_fn)
     # weights left on the CPU
-    msg = error_of(lambda: ops.quantized_linear(xc, packed, row_sums, w_scale, *good))
+    msg = error_of(lambda: ops.quantized_linear(xc, packed, row_sums, w.shape, w_scale, *good))
     assert "the weights are on cpu" in msg

@@ -1,8 +1,8 @@
 """The integer-only layer ops (torch.ops.qext.quantized_*) against independent references:
 
 * exact integer arithmetic in float64 (products of 8-bit levels and their sums are exact there) with the
-  real-valued requantization ``floor(acc * m + 1/2)``: the fixed-point kernels must agree exactly except
-  where ``acc * m`` is within the fixed-point rounding of a .5 tie (then by one step);
+  real-valued requantization ``floor((acc + bias) * m + 1/2)``: the fixed-point kernels must agree exactly
+  except where that is within the fixed-point precision of a .5 tie (then by one step);
 * PyTorch's own quantized engines (torch.ao / fbgemm): within one output step;
 * every CPU ISA this machine runs bit-identical to the scalar kernels.
 """
@@ -17,9 +17,9 @@ import qext
 
 ops = torch.ops.qext
 
-# A real result this close to a .5 tie may round either way in the fixed-point kernels (the
-# multiplier has 31 bits and requantization rounds twice; see qgemm.h).
-TIE_WINDOW = 1.0 / 256
+# A real result this close to a .5 tie may round either way in the fixed-point kernels (31-bit
+# multipliers: a relative error of ~2^-31 of results below 2^8 steps, plus the float64 reference's own).
+TIE_WINDOW = 1e-6
 
 
 def qtensor(levels: torch.Tensor, scale: float, zero_point: int, dtype=torch.quint8):
@@ -61,8 +61,9 @@ def linear_reference(x, w, w_scale, bias, out_scale, out_zp, lo, hi, relu):
     xc = x.int_repr().double() - zx
     acc_scale = sx * w_scale.double()
     acc = xc @ w.double().t()
-    if bias is not None:
-        acc = acc + torch.round(bias.double() / acc_scale)
+    if bias is not None:  # exact for quantized outputs, rounded to int32 for float ones
+        b = bias.double() / acc_scale
+        acc = acc + (b if out_scale is not None else torch.round(b))
     if out_scale is None:
         y = (acc * acc_scale).float()
         return F.relu(y) if relu else y
@@ -71,7 +72,8 @@ def linear_reference(x, w, w_scale, bias, out_scale, out_zp, lo, hi, relu):
 
 
 def pack(w, groups=1):
-    return ops.pack_quantized_weight(w, groups)
+    """(packed weight, row sums, weight shape): the weight arguments of quantized_linear / conv2d."""
+    return (*ops.pack_quantized_weight(w, groups), list(w.shape))
 
 
 @pytest.mark.parametrize("M,K,N", [(1, 1, 1), (1, 64, 16), (3, 7, 5), (17, 65, 33), (64, 300, 40), (130, 1024, 17)])
@@ -83,10 +85,10 @@ def test_linear_matches_integer_reference(M, K, N, per_channel):
     w_scale = (torch.rand(N if per_channel else 1, generator=g) * 0.01 + 0.001).float()
     bias = torch.randn(N, generator=g)
     out_scale = 0.02 * 0.005 * math.sqrt(K) * 40
-    packed, sums = pack(w)
+    packed, sums, sums_shape = pack(w)
     assert torch.equal(sums, w.int().sum(1, dtype=torch.int32))
     for relu in (False, True):
-        y = ops.quantized_linear(x, packed, sums, w_scale, bias, out_scale, 100, 0, 255, relu)
+        y = ops.quantized_linear(x, packed, sums, sums_shape, w_scale, bias, out_scale, 100, 0, 255, relu)
         assert y.dtype == torch.quint8 and y.shape == (M, N) and y.q_scale() == out_scale and y.q_zero_point() == 100
         ref, amb = linear_reference(x, w, w_scale.expand(N), bias, out_scale, 100, 0, 255, relu)
         assert_matches_reference(y.int_repr(), ref, amb)
@@ -97,13 +99,13 @@ def test_linear_float_output_and_signed_levels():
     w = random_weight(12, 70)
     w_scale = torch.rand(12) * 0.01 + 0.001
     bias = torch.randn(12)
-    packed, sums = pack(w)
-    y = ops.quantized_linear(x, packed, sums, w_scale, bias, None, 0, 0, 0, True)
+    packed, sums, sums_shape = pack(w)
+    y = ops.quantized_linear(x, packed, sums, sums_shape, w_scale, bias, None, 0, 0, 0, True)
     assert y.dtype == torch.float32
     ref = linear_reference(x, w, w_scale, bias, None, 0, 0, 0, True)
     torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6)
     # int8 output range
-    yq = ops.quantized_linear(x, packed, sums, w_scale, bias, 0.05, -3, -128, 127, False)
+    yq = ops.quantized_linear(x, packed, sums, sums_shape, w_scale, bias, 0.05, -3, -128, 127, False)
     assert yq.dtype == torch.qint8
     ref, amb = linear_reference(x, w, w_scale, bias, 0.05, -3, -128, 127, False)
     assert_matches_reference(yq.int_repr(), ref, amb)
@@ -112,10 +114,10 @@ def test_linear_float_output_and_signed_levels():
 def test_linear_extreme_levels():
     K, N = 200, 20
     w = torch.cat([torch.full((N // 2, K), -128, dtype=torch.int8), torch.full((N // 2, K), 127, dtype=torch.int8)])
-    packed, sums = pack(w)
+    packed, sums, sums_shape = pack(w)
     for level, zp in ((0, 255), (255, 0), (255, 255), (0, 0)):
         x = qtensor(torch.full((4, K), level), 0.01, zp)
-        y = ops.quantized_linear(x, packed, sums, torch.tensor([1e-4]), None, None, 0, 0, 0, False)
+        y = ops.quantized_linear(x, packed, sums, sums_shape, torch.tensor([1e-4]), None, None, 0, 0, 0, False)
         expected = (level - zp) * w[:, 0].double() * K * 0.01 * 1e-4
         torch.testing.assert_close(y, expected.float().expand(4, N), rtol=1e-6, atol=0)
 
@@ -134,8 +136,8 @@ def test_linear_against_torch_ao_fbgemm():
     lin.set_weight_bias(qw, bias)
     lin.scale, lin.zero_point = 0.15, 64
     expected = lin(qx).int_repr().int()
-    packed, sums = pack(qw.int_repr())
-    ours = ops.quantized_linear(qx, packed, sums, w_scale.float(), bias, 0.15, 64, 0, 255, False).int_repr().int()
+    packed, sums, sums_shape = pack(qw.int_repr())
+    ours = ops.quantized_linear(qx, packed, sums, sums_shape, w_scale.float(), bias, 0.15, 64, 0, 255, False).int_repr().int()
     assert int((ours - expected).abs().max()) <= 1
     assert float((ours != expected).double().mean()) < 0.01
 
@@ -157,8 +159,9 @@ def conv_reference(x, w, w_scale, bias, out_scale, out_zp, lo, hi, relu, stride,
     xc = x.int_repr().double() - zx  # zero padding of (q - z) is padding q with its zero point
     acc = F.conv2d(xc, w.double(), None, stride, padding, dilation, groups)
     acc_scale = (sx * w_scale.double()).reshape(1, -1, 1, 1)
-    if bias is not None:
-        acc = acc + torch.round(bias.double().reshape(1, -1, 1, 1) / acc_scale)
+    if bias is not None:  # exact for quantized outputs, rounded to int32 for float ones
+        b = bias.double().reshape(1, -1, 1, 1) / acc_scale
+        acc = acc + (b if out_scale is not None else torch.round(b))
     if out_scale is None:
         y = (acc * acc_scale).float()
         return F.relu(y) if relu else y
@@ -178,9 +181,9 @@ def test_conv2d_matches_integer_reference(case, channels_last):
     w_scale = torch.rand(OC, generator=g) * 0.01 + 0.002
     bias = torch.randn(OC, generator=g)
     out_scale = 0.04 * 0.007 * math.sqrt(C // groups * k * k) * 30
-    packed, sums = pack(w, groups)
+    packed, sums, sums_shape = pack(w, groups)
     for relu in (False, True):
-        y = ops.quantized_conv2d(x, packed, sums, w_scale, bias, [k, k], [s, s], [p, p], [d, d], groups,
+        y = ops.quantized_conv2d(x, packed, sums, sums_shape, w_scale, bias, [s, s], [p, p], [d, d], groups,
                                  out_scale, 128, 0, 255, relu)
         ref, amb = conv_reference(x, w, w_scale, bias, out_scale, 128, 0, 255, relu, s, p, d, groups)
         assert y.shape == ref.shape and y.is_contiguous(memory_format=torch.channels_last)
@@ -191,8 +194,8 @@ def test_conv2d_signed_input_and_float_output():
     x = random_qtensor((2, 4, 6, 6), dtype=torch.qint8, scale=0.05, zero_point=3)
     w = random_weight(6, 4, 3, 3)
     w_scale = torch.rand(6) * 0.01 + 0.002
-    packed, sums = pack(w)
-    y = ops.quantized_conv2d(x, packed, sums, w_scale, None, [3, 3], [1, 1], [1, 1], [1, 1], 1, None, 0, 0, 0, False)
+    packed, sums, sums_shape = pack(w)
+    y = ops.quantized_conv2d(x, packed, sums, sums_shape, w_scale, None, [1, 1], [1, 1], [1, 1], 1, None, 0, 0, 0, False)
     ref = conv_reference(x, w, w_scale, None, None, 0, 0, 0, False, 1, 1, 1, 1)
     torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6)
 
@@ -209,14 +212,14 @@ def test_every_isa_is_bit_identical_to_scalar():
     w_dw = random_weight(40, 1, 3, 3)
 
     def run():
-        pl, sl = pack(w_lin)
-        pc, sc = pack(w_conv)
-        pd, sd = pack(w_dw, 40)
+        pl, sl, sl_shape = pack(w_lin)
+        pc, sc, sc_shape = pack(w_conv)
+        pd, sd, sd_shape = pack(w_dw, 40)
         return [
-            ops.quantized_linear(x_lin, pl, sl, torch.full((45,), 0.003), torch.randn(45, generator=torch.Generator().manual_seed(1)), 0.9, 7, 0, 255, False).int_repr(),
-            ops.quantized_linear(x_lin, pl, sl, torch.full((45,), 0.003), None, None, 0, 0, 0, True),
-            ops.quantized_conv2d(x_conv, pc, sc, torch.full((32,), 0.004), None, [3, 3], [1, 1], [1, 1], [1, 1], 1, 0.7, 30, 0, 255, True).int_repr(),
-            ops.quantized_conv2d(x_dw, pd, sd, torch.full((40,), 0.01), None, [3, 3], [2, 2], [1, 1], [1, 1], 40, 0.3, 128, 0, 255, False).int_repr(),
+            ops.quantized_linear(x_lin, pl, sl, sl_shape, torch.full((45,), 0.003), torch.randn(45, generator=torch.Generator().manual_seed(1)), 0.9, 7, 0, 255, False).int_repr(),
+            ops.quantized_linear(x_lin, pl, sl, sl_shape, torch.full((45,), 0.003), None, None, 0, 0, 0, True),
+            ops.quantized_conv2d(x_conv, pc, sc, sc_shape, torch.full((32,), 0.004), None, [1, 1], [1, 1], [1, 1], 1, 0.7, 30, 0, 255, True).int_repr(),
+            ops.quantized_conv2d(x_dw, pd, sd, sd_shape, torch.full((40,), 0.01), None, [2, 2], [1, 1], [1, 1], 40, 0.3, 128, 0, 255, False).int_repr(),
         ]
 
     try:
@@ -287,53 +290,55 @@ def test_adaptive_avg_pool_matches_float_pool():
 def test_bad_input_gives_clear_errors():
     x = random_qtensor((4, 16))
     w = random_weight(8, 16)
-    packed, sums = pack(w)
+    packed, sums, sums_shape = pack(w)
     ws = torch.full((8,), 0.01)
     with pytest.raises(RuntimeError, match="input must be a per-tensor quantized tensor.*Float"):
-        ops.quantized_linear(torch.randn(4, 16), packed, sums, ws, None, 0.1, 0, 0, 255, False)
+        ops.quantized_linear(torch.randn(4, 16), packed, sums, sums_shape, ws, None, 0.1, 0, 0, 255, False)
     with pytest.raises(RuntimeError, match="packed_weight has .* bytes"):
-        ops.quantized_linear(x, packed[:-1], sums, ws, None, 0.1, 0, 0, 255, False)
-    with pytest.raises(RuntimeError, match="packed_weight has .* bytes"):
-        ops.quantized_linear(random_qtensor((4, 15)), packed, sums, ws, None, 0.1, 0, 0, 255, False)
+        ops.quantized_linear(x, packed[:-1], sums, sums_shape, ws, None, 0.1, 0, 0, 255, False)
+    with pytest.raises(RuntimeError, match="does not end in the weight's 16 in_features"):
+        ops.quantized_linear(random_qtensor((4, 15)), packed, sums, sums_shape, ws, None, 0.1, 0, 0, 255, False)
+    with pytest.raises(RuntimeError, match=r"row_sums must be int32 of shape \[9\]"):
+        ops.quantized_linear(x, packed, sums, [9, 16], ws, None, 0.1, 0, 0, 255, False)
     with pytest.raises(RuntimeError, match="row_sums must be"):
-        ops.quantized_linear(x, packed, sums.long(), ws, None, 0.1, 0, 0, 255, False)
+        ops.quantized_linear(x, packed, sums.long(), sums_shape, ws, None, 0.1, 0, 0, 255, False)
     with pytest.raises(RuntimeError, match=r"weight_scale\[2\] = -1"):
         bad = ws.clone()
         bad[2] = -1
-        ops.quantized_linear(x, packed, sums, bad, None, 0.1, 0, 0, 255, False)
+        ops.quantized_linear(x, packed, sums, sums_shape, bad, None, 0.1, 0, 0, 255, False)
     with pytest.raises(RuntimeError, match="output_scale must be finite and > 0, got nan"):
-        ops.quantized_linear(x, packed, sums, ws, None, float("nan"), 0, 0, 255, False)
+        ops.quantized_linear(x, packed, sums, sums_shape, ws, None, float("nan"), 0, 0, 255, False)
     with pytest.raises(RuntimeError, match="output_zero_point 300"):
-        ops.quantized_linear(x, packed, sums, ws, None, 0.1, 300, 0, 255, False)
+        ops.quantized_linear(x, packed, sums, sums_shape, ws, None, 0.1, 300, 0, 255, False)
     with pytest.raises(RuntimeError, match="fits neither uint8 nor int8"):
-        ops.quantized_linear(x, packed, sums, ws, None, 0.1, 0, 0, 1000, False)
+        ops.quantized_linear(x, packed, sums, sums_shape, ws, None, 0.1, 0, 0, 1000, False)
     with pytest.raises(RuntimeError, match=r"bias\[0\] = inf"):
         b = torch.zeros(8)
         b[0] = float("inf")
-        ops.quantized_linear(x, packed, sums, ws, b, 0.1, 0, 0, 255, False)
+        ops.quantized_linear(x, packed, sums, sums_shape, ws, b, 0.1, 0, 0, 255, False)
     with pytest.raises(RuntimeError, match="weight must be int8"):
         ops.pack_quantized_weight(w.float(), 1)
     with pytest.raises(RuntimeError, match="weight is empty"):
         ops.pack_quantized_weight(torch.empty(0, 4, dtype=torch.int8), 1)
     with pytest.raises(RuntimeError, match="per tensor"):
         qw = torch.quantize_per_channel(torch.randn(4, 16), torch.ones(4, dtype=torch.double), torch.zeros(4, dtype=torch.long), 0, torch.quint8)
-        ops.quantized_linear(qw, packed, sums, ws, None, 0.1, 0, 0, 255, False)
+        ops.quantized_linear(qw, packed, sums, sums_shape, ws, None, 0.1, 0, 0, 255, False)
     # K too large for exact int32 accumulation
     K = 70000
     wk = torch.ones(1, K, dtype=torch.int8)
-    pk, sk = pack(wk)
+    pk, sk, sk_shape = pack(wk)
     with pytest.raises(RuntimeError, match="overflow the exact int32 accumulation"):
-        ops.quantized_linear(random_qtensor((1, K)), pk, sk, torch.tensor([0.01]), None, 0.1, 0, 0, 255, False)
+        ops.quantized_linear(random_qtensor((1, K)), pk, sk, sk_shape, torch.tensor([0.01]), None, 0.1, 0, 0, 255, False)
     # conv shapes
     xc = random_qtensor((1, 4, 5, 5))
-    pc, sc = pack(random_weight(6, 4, 3, 3))
+    pc, sc, sc_shape = pack(random_weight(6, 4, 3, 3))
     with pytest.raises(RuntimeError, match="input must be 4-D"):
-        ops.quantized_conv2d(random_qtensor((4, 5, 5)), pc, sc, torch.tensor([0.01]), None, [3, 3], [1, 1], [0, 0], [1, 1], 1, 0.1, 0, 0, 255, False)
+        ops.quantized_conv2d(random_qtensor((4, 5, 5)), pc, sc, sc_shape, torch.tensor([0.01]), None, [1, 1], [0, 0], [1, 1], 1, 0.1, 0, 0, 255, False)
     with pytest.raises(RuntimeError, match="too small"):
-        ops.quantized_conv2d(random_qtensor((1, 4, 2, 2)), pc, sc, torch.tensor([0.01]), None, [3, 3], [1, 1], [0, 0], [1, 1], 1, 0.1, 0, 0, 255, False)
+        ops.quantized_conv2d(random_qtensor((1, 4, 2, 2)), pc, sc, sc_shape, torch.tensor([0.01]), None, [1, 1], [0, 0], [1, 1], 1, 0.1, 0, 0, 255, False)
     with pytest.raises(RuntimeError, match="packed_weight has"):
-        ops.quantized_conv2d(xc, pc, sc, torch.tensor([0.01]), None, [5, 5], [1, 1], [0, 0], [1, 1], 1, 0.1, 0, 0, 255, False)
-    with pytest.raises(RuntimeError, match="groups = 3 must divide"):
-        ops.quantized_conv2d(xc, pc, sc, torch.tensor([0.01]), None, [3, 3], [1, 1], [0, 0], [1, 1], 3, 0.1, 0, 0, 255, False)
+        ops.quantized_conv2d(xc, pc, sc, [6, 4, 5, 5], torch.tensor([0.01]), None, [1, 1], [0, 0], [1, 1], 1, 0.1, 0, 0, 255, False)
+    with pytest.raises(RuntimeError, match="input has 4 channels where the weight"):
+        ops.quantized_conv2d(xc, pc, sc, sc_shape, torch.tensor([0.01]), None, [1, 1], [0, 0], [1, 1], 3, 0.1, 0, 0, 255, False)
     with pytest.raises(RuntimeError, match="one shape"):
         ops.quantized_add(random_qtensor((2, 3)), random_qtensor((3, 2)), 0.1, 0, 0, 255)

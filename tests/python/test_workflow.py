@@ -300,8 +300,8 @@ def test_convert_qat_model_agrees_with_fake_quant_model():
 
 def test_converted_layers_agree_with_their_qat_layers_within_one_step():
     """Layer by layer, given the same quantized input, every converted layer's output is within one
-    output step of the fake-quant layer's (the integer path is exact; only the int32 rounding of the
-    bias and the float32 sums of the fake-quant layer differ)."""
+    output step of the fake-quant layer's (the integer path is exact; only the float32 sums of the
+    fake-quant layer can put an output on the other side of a rounding boundary)."""
     qat = _trained_qat()
     qat.eval()
     enable_observer(qat, False)
@@ -328,7 +328,9 @@ def test_converted_layers_agree_with_their_qat_layers_within_one_step():
             scale = float(qat.get_submodule(n).activation_post_process.scale)
             steps = _assert_within_one_lsb(fake_out, out.dequantize(), scale)
             differing += int((steps > 0.5).sum())
-    assert differing > 0  # not vacuous: some outputs do land on the other side of a rounding boundary
+    # Not vacuous: the weighted layers ran the integer kernels (packed weights), not the float path.
+    assert all(integer.get_submodule(n).packed_weight is not None for n in producers if n != "add")
+    assert differing <= 0.001 * sum(out.numel() for _, out in seen.values()) * 4
 
 
 def _as_qtensor(x, producer):

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "qext/kernels/qconv_isa.h"
+#include "qext/kernels/requantize_avx2.h"
 
 namespace qext::kernels::detail {
 
@@ -30,55 +31,41 @@ inline void valid_taps(int64_t start, int64_t dilation, int64_t kernel, int64_t 
   *hi = h;
 }
 
-// Per-channel requantization constants of requantize() (qgemm.h) laid out for 8-lane loads.
+// Per-channel bias and requantize() constants (requantize_avx2.h) for the 8 channels from c, for the
+// starts the depthwise kernel uses: multiples of 8, and channels - 16 / channels - 8 (the last,
+// overlapping block). Channels past the end (narrow layers) get neutral values.
 struct ChannelRequant {
-  std::vector<int32_t> bias, mult, lshift, rshift, rbit;
+  std::vector<int32_t> bias;
+  std::vector<FixedPointMultiplier> mult;
+  std::vector<avx2::Requant8> aligned, tail;
+  int64_t channels;
 
-  ChannelRequant(const RequantEpilogue& ep, int64_t channels, int64_t padded) {
+  ChannelRequant(const RequantEpilogue& ep, int64_t channels, int64_t padded) : channels(channels) {
     bias.assign(padded, 0);
-    mult.assign(padded, 1 << 30);
-    lshift.assign(padded, 0);
-    rshift.assign(padded, 0);
-    rbit.assign(padded, 32);
+    mult.assign(padded, FixedPointMultiplier{1 << 30, 0});
     for (int64_t c = 0; c < channels; ++c) {
-      const FixedPointMultiplier m = ep.multiplier[c];
       bias[c] = ep.bias ? ep.bias[c] : 0;
-      mult[c] = m.multiplier;
-      lshift[c] = std::max(m.exponent, 0);
-      rshift[c] = std::max(-m.exponent, 0);
-      // Position of the rounding bit (r - 1); 32 (shifted out entirely) when r == 0.
-      rbit[c] = rshift[c] > 0 ? rshift[c] - 1 : 32;
+      mult[c] = ep.multiplier[c];
     }
+    for (int64_t c = 0; c < padded; c += 8) aligned.push_back(at_start(c, padded));
+    for (const int64_t c : {channels - 16, channels - 8}) {
+      tail.push_back(c >= 0 ? at_start(c, padded) : aligned[0]);
+    }
+  }
+
+  avx2::Requant8 at_start(int64_t c, int64_t padded) const {
+    return avx2::make_requant8(mult.data() + c, static_cast<int>(std::min<int64_t>(8, padded - c)));
+  }
+
+  const avx2::Requant8& at(int64_t c) const {
+    if (c % 8 == 0) return aligned[c / 8];
+    return tail[c == channels - 16 ? 0 : 1];
   }
 };
 
-// requantize() of 8 accumulators of channels c..c+7, without the zero point and clamp:
-//   x = saturate_int32(acc << l); x = floor((x * mult + 2^30) / 2^31); x = floor((x + 2^(r-1)) /
-//   2^r)
+// requantize() of 8 accumulators of channels c..c+7, without the zero point and clamp.
 inline __m256i requant8(__m256i acc, const ChannelRequant& q, int64_t c) {
-  const __m256i ls = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q.lshift.data() + c));
-  const __m256i shifted = _mm256_sllv_epi32(acc, ls);
-  // The shift overflowed where shifting back does not restore acc: saturate to INT32_MIN / MAX.
-  const __m256i fits = _mm256_cmpeq_epi32(_mm256_srav_epi32(shifted, ls), acc);
-  const __m256i saturated =
-      _mm256_xor_si256(_mm256_srai_epi32(acc, 31), _mm256_set1_epi32(INT32_MAX));
-  __m256i x = _mm256_blendv_epi8(saturated, shifted, fits);
-
-  // Rounding doubling high multiply: the 64-bit products of even and odd lanes, + 2^30,
-  // bits 31..62. The result fits int32, so bits 31..62 of the logical shift are those of the
-  // arithmetic one.
-  const __m256i m = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q.mult.data() + c));
-  const __m256i round = _mm256_set1_epi64x(int64_t{1} << 30);
-  const __m256i even = _mm256_add_epi64(_mm256_mul_epi32(x, m), round);
-  const __m256i odd =
-      _mm256_add_epi64(_mm256_mul_epi32(_mm256_srli_epi64(x, 32), _mm256_srli_epi64(m, 32)), round);
-  x = _mm256_blend_epi32(_mm256_srli_epi64(even, 31), _mm256_slli_epi64(odd, 1), 0xAA);
-
-  // Rounding right shift: floor(x / 2^r) + bit r-1 of x (no int32 overflow, unlike x + 2^(r-1)).
-  const __m256i rs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q.rshift.data() + c));
-  const __m256i rb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q.rbit.data() + c));
-  const __m256i bit = _mm256_and_si256(_mm256_srlv_epi32(x, rb), _mm256_set1_epi32(1));
-  return _mm256_add_epi32(_mm256_srav_epi32(x, rs), bit);
+  return avx2::requantize8(acc, q.at(c));
 }
 
 // clamp(x + zp, lo, hi) as clamp(x, lo - zp, hi - zp) + zp (no int32 overflow), then the low bytes

@@ -79,14 +79,11 @@ int32_t requantize(int32_t acc, FixedPointMultiplier m, int32_t out_zero_point, 
     const int e = std::min<int32_t>(m.exponent, 31);
     x = std::clamp<int64_t>(x * (int64_t{1} << e), kMin, kMax);
   }
-  // Rounding doubling high multiply: floor((x * M + 2^30) / 2^31); |x * M| <= 2^62. Right shifts of
-  // negative int64 are arithmetic (floor) with GCC and Clang (and by definition in C++20).
-  x = (x * m.multiplier + (int64_t{1} << 30)) >> 31;
-  if (m.exponent < 0) {
-    // Rounding right shift floor((x + 2^(r-1)) / 2^r); |x| <= 2^31, so r >= 40 gives 0 as 40 does.
-    const int r = static_cast<int>(std::min<int64_t>(-static_cast<int64_t>(m.exponent), 40));
-    x = (x + (int64_t{1} << (r - 1))) >> r;
-  }
+  // One rounding: floor((x * M + 2^(n-1)) / 2^n), n = 31 + r in [31, 62]; |x * M| < 2^62 keeps the
+  // sum in int64. Right shifts of negative int64 are arithmetic (floor) with GCC and Clang (and by
+  // definition in C++20).
+  const int n = 31 + std::min(std::max(-m.exponent, 0), 31);
+  x = (x * m.multiplier + (int64_t{1} << (n - 1)) + m.offset) >> n;
   const int64_t v = std::min<int64_t>(std::max<int64_t>(x + out_zero_point, out_min), out_max);
   return static_cast<int32_t>(v);
 }
@@ -188,7 +185,13 @@ void qgemm_u8s8(Isa isa, int64_t M, int64_t N, int64_t K, const uint8_t* a, int6
                 const int8_t* packed_w, const RequantEpilogue& ep, uint8_t* c, int64_t ldc) {
   if (!check_common(isa, M, N, K, a, lda, packed_w, c, ldc, ep.row_sums)) return;
   if (ep.multiplier == nullptr) invalid("null multiplier");
+  // A branch-free scan first (it runs on every call, M = 1 ones included), then the culprit.
+  bool all_valid = true;
   for (int64_t n = 0; n < N; ++n) {
+    const FixedPointMultiplier m = ep.multiplier[n];
+    all_valid &= (m.multiplier >= (int32_t{1} << 30)) & (m.exponent >= -31) & (m.exponent <= 30);
+  }
+  for (int64_t n = 0; !all_valid && n < N; ++n) {
     if (!is_valid_multiplier(ep.multiplier[n])) {
       invalid("multiplier[" + std::to_string(n) + "] = {" +
               std::to_string(ep.multiplier[n].multiplier) + ", " +

@@ -4,9 +4,9 @@
 // ReLU) writing 8-bit levels or float32. Framework-free: raw pointers in and out, no threads (the
 // caller splits M and N and runs the pieces in parallel), testable with gtest alone.
 //
-// Every ISA path gives results bit-identical to the scalar reference (qgemm_u8s8 with Isa::kScalar).
-// int8 activations (torch.qint8) are fed as uint8 by flipping the sign bit (q + 128) and adding 128
-// to a_zero_point: the products (q_x - z_x) are unchanged.
+// Every ISA path gives results bit-identical to the scalar reference (qgemm_u8s8 with
+// Isa::kScalar). int8 activations (torch.qint8) are fed as uint8 by flipping the sign bit (q + 128)
+// and adding 128 to a_zero_point: the products (q_x - z_x) are unchanged.
 #pragma once
 
 #include <cstddef>
@@ -17,11 +17,11 @@ namespace qext::kernels {
 // ---------------------------------------------------------------------------------------------
 // Packed weight layout (ISA independent; every path, scalar included, reads this one layout, so a
 // packed weight saved on one machine runs on any other):
-// N is cut into blocks of kPackN = 16 output channels (the last block zero-padded), K is zero-padded
-// to packed_k(K), a multiple of kPackK = 64. Block b holds packed_k(K) / 4 groups of 64 bytes; group g
-// holds, for n = 0..15 and j = 0..3, W[16 b + n][4 g + j] at byte 4 n + j. (One group is one zmm /
-// two ymm for vpdpbusd, and 16 groups are one AMX B tile.)
-// Columns [n0, n0 + n) of the product with n0 a multiple of 16 use packed_w + packed_block_offset(n0, K).
+// N is cut into blocks of kPackN = 16 output channels (the last block zero-padded), K is
+// zero-padded to packed_k(K), a multiple of kPackK = 64. Block b holds packed_k(K) / 4 groups of 64
+// bytes; group g holds, for n = 0..15 and j = 0..3, W[16 b + n][4 g + j] at byte 4 n + j. (One
+// group is one zmm / two ymm for vpdpbusd, and 16 groups are one AMX B tile.) Columns [n0, n0 + n)
+// of the product with n0 a multiple of 16 use packed_w + packed_block_offset(n0, K).
 // ---------------------------------------------------------------------------------------------
 constexpr int64_t kPackN = 16;
 constexpr int64_t kPackK = 64;
@@ -36,17 +36,24 @@ void pack_weight(const int8_t* w, int64_t N, int64_t K, int64_t ldw, int8_t* pac
                  int32_t* row_sums);
 
 // ---------------------------------------------------------------------------------------------
-// Fixed-point requantization (Jacob et al. 2018; gemmlowp / TFLite's MultiplyByQuantizedMultiplier
-// with round-half-up at both roundings). A real multiplier m > 0 is multiplier * 2^(exponent - 31)
-// with multiplier in [2^30, 2^31) and exponent in [-31, 30]. For an int32 accumulator acc:
+// Fixed-point requantization (Jacob et al. 2018): a real multiplier m > 0 is
+// multiplier * 2^(exponent - 31) with multiplier in [2^30, 2^31) and exponent in [-31, 30]. For an
+// int32 accumulator acc:
 //   x = saturate_int32(acc * 2^max(exponent, 0))
-//   x = floor((int64(x) * multiplier + 2^30) / 2^31)            rounding doubling high multiply
-//   x = floor((x + 2^(r - 1)) / 2^r), r = max(-exponent, 0)      rounding right shift (r = 0: x)
+//   x = floor((int64(x) * multiplier + 2^(n - 1) + offset) / 2^n),  n = 31 + max(-exponent, 0)
 //   q = clamp(int64(x) + out_zero_point, out_min, out_max)
+// One rounding (half up) of the exact product: gemmlowp / TFLite round twice (a doubling high
+// multiply, then a rounding shift), which misrounds up to 2^-(r+1) of a step around every .5, e.g.
+// 1/64 of a step for m ~ 0.02 -- some 3% of the outputs of a typical layer one step away from the
+// fake-quant model's single rounding. Here only outputs within ~2^-31 (relative) of a tie can differ.
 // ---------------------------------------------------------------------------------------------
 struct FixedPointMultiplier {
   int32_t multiplier;
   int32_t exponent;
+  // Added to the rounding term 2^(n-1) (|offset| <= 2^30): the part of a layer's bias below one
+  // accumulator unit, round(fraction * multiplier), so that the bias is exact to 2^-n of an output
+  // step rather than rounded to the int32 accumulator (see quantized_layers.h). 0 for plain use.
+  int32_t offset = 0;
 };
 
 // Nearest fixed-point form of m: multiplier = round(m * 2^(31 - exponent)), so that
@@ -59,13 +66,15 @@ bool quantize_multiplier(double m, FixedPointMultiplier* out);
 bool is_valid_multiplier(FixedPointMultiplier m);
 
 // The requantization above for one accumulator (the scalar reference every path matches), with
-// clamp(v, lo, hi) = min(max(v, lo), hi) in int64. Defined for every input (no undefined behaviour),
-// but the GEMM paths accept only valid multipliers and out_min <= out_max (see qgemm_u8s8).
+// clamp(v, lo, hi) = min(max(v, lo), hi) in int64. Defined for every input (no undefined
+// behaviour), but the GEMM paths accept only valid multipliers and out_min <= out_max (see
+// qgemm_u8s8).
 int32_t requantize(int32_t acc, FixedPointMultiplier m, int32_t out_zero_point, int32_t out_min,
                    int32_t out_max);
 
 // ---------------------------------------------------------------------------------------------
-// Epilogues. acc[m][n] = sum_k A[m][k] * W[n][k] - a_zero_point * row_sums[n] + (bias ? bias[n] : 0)
+// Epilogues.
+//   acc[m][n] = sum_k A[m][k] * W[n][k] - a_zero_point * row_sums[n] + (bias ? bias[n] : 0)
 // computed modulo 2^32 (int32 wrap-around; every path, the scalar reference included, gives the
 // same int32 even past the exact range). It equals the true integer when a_zero_point is in
 // [0, 255] and K * 255 * 128 + |bias| < 2^31 (see max_exact_k), which the caller guarantees.
@@ -83,8 +92,8 @@ struct RequantEpilogue {
 struct FloatEpilogue {
   const int32_t* row_sums;
   int32_t a_zero_point;
-  const int32_t* bias;       // [N] or nullptr
-  const float* scale;        // [N]: input_scale * weight_scale[n]
+  const int32_t* bias;  // [N] or nullptr
+  const float* scale;   // [N]: input_scale * weight_scale[n]
   bool relu;
 };
 // C[m][n] = float(acc[m][n]) * scale[n] (int32 -> float rounded to nearest even, then one float32

@@ -22,6 +22,7 @@
 #include <type_traits>
 
 #include "qext/kernels/qgemm_isa.h"
+#include "qext/kernels/requantize_avx2.h"
 
 namespace qext::kernels::detail {
 namespace {
@@ -81,7 +82,8 @@ inline void kernel_4xk(int64_t K, const uint8_t* a, int64_t lda, const int8_t* b
 
 // Column parameters of one 16-column block, as two ymm each (columns 0..7, 8..15).
 struct RequantCols {
-  __m256i corr[2], mult[2], mult_odd[2], lshift[2], rshift[2], rshift_m1[2], rone[2];
+  __m256i corr[2];
+  avx2::Requant8 q[2];
 };
 struct FloatCols {
   __m256i corr[2];
@@ -106,26 +108,12 @@ inline __m256i load8(const int32_t* p) {
 }
 
 RequantCols requant_cols(const RequantEpilogue& ep, int64_t n0, int nv) {
-  alignas(32) int32_t corr[16], mult[16], lsh[16], rsh[16], rsh1[16], one[16];
+  alignas(32) int32_t corr[16];
   correction(ep.row_sums, ep.a_zero_point, ep.bias, n0, nv, corr);
-  for (int i = 0; i < 16; ++i) {
-    const FixedPointMultiplier m =
-        i < nv ? ep.multiplier[n0 + i] : FixedPointMultiplier{1 << 30, 0};
-    mult[i] = m.multiplier;
-    lsh[i] = std::max(m.exponent, 0);
-    rsh[i] = std::max(-m.exponent, 0);
-    rsh1[i] = std::max(rsh[i] - 1, 0);
-    one[i] = rsh[i] > 0 ? 1 : 0;
-  }
   RequantCols c;
   for (int h = 0; h < 2; ++h) {
     c.corr[h] = load8(corr + 8 * h);
-    c.mult[h] = load8(mult + 8 * h);
-    c.mult_odd[h] = _mm256_srli_epi64(c.mult[h], 32);
-    c.lshift[h] = load8(lsh + 8 * h);
-    c.rshift[h] = load8(rsh + 8 * h);
-    c.rshift_m1[h] = load8(rsh1 + 8 * h);
-    c.rone[h] = load8(one + 8 * h);
+    c.q[h] = avx2::make_requant8(ep.multiplier + n0 + 8 * h, std::clamp(nv - 8 * h, 0, 8));
   }
   return c;
 }
@@ -146,25 +134,7 @@ FloatCols float_cols(const FloatEpilogue& ep, int64_t n0, int nv) {
 // requantize() of qgemm.cpp on 8 lanes (lane h selects the column half).
 inline __m256i requant8(__m256i acc, const RequantCols& p, int h, __m256i lo, __m256i hi,
                         __m256i zp) {
-  __m256i x = _mm256_add_epi32(acc, p.corr[h]);
-  // Saturating x * 2^lshift: the shift overflowed iff shifting back does not give x.
-  const __m256i s = _mm256_sllv_epi32(x, p.lshift[h]);
-  const __m256i ok = _mm256_cmpeq_epi32(_mm256_srav_epi32(s, p.lshift[h]), x);
-  const __m256i sat = _mm256_xor_si256(_mm256_srai_epi32(x, 31),
-                                       _mm256_set1_epi32(std::numeric_limits<int32_t>::max()));
-  x = _mm256_blendv_epi8(sat, s, ok);
-  // floor((x * M + 2^30) / 2^31) in 64-bit lanes: even lanes keep bits 31..62 in the low dword
-  // (logical shift right by 31), odd lanes in the high dword (shift left by 1). The result fits
-  // int32 because M < 2^31.
-  const __m256i r30 = _mm256_set1_epi64x(int64_t{1} << 30);
-  __m256i even = _mm256_mul_epi32(x, p.mult[h]);
-  __m256i odd = _mm256_mul_epi32(_mm256_srli_epi64(x, 32), p.mult_odd[h]);
-  even = _mm256_srli_epi64(_mm256_add_epi64(even, r30), 31);
-  odd = _mm256_slli_epi64(_mm256_add_epi64(odd, r30), 1);
-  x = _mm256_blend_epi32(even, odd, 0xAA);
-  // floor((x + 2^(r-1)) / 2^r) = (x >> r) + bit r-1 of x, without the overflowing add.
-  x = _mm256_add_epi32(_mm256_srav_epi32(x, p.rshift[h]),
-                       _mm256_and_si256(_mm256_srav_epi32(x, p.rshift_m1[h]), p.rone[h]));
+  __m256i x = avx2::requantize8(_mm256_add_epi32(acc, p.corr[h]), p.q[h]);
   // clamp(x + zp, out_min, out_max) = clamp(x, out_min - zp, out_max - zp) + zp (no overflow).
   x = _mm256_min_epi32(_mm256_max_epi32(x, lo), hi);
   return _mm256_add_epi32(x, zp);

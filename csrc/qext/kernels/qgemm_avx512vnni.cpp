@@ -1,18 +1,21 @@
 // AVX-512 VNNI integer GEMM and the AVX-512 epilogue shared with the AMX path; bit-identical to the
 // scalar reference (qgemm_ref.cpp).
 //
-// Exactness: vpdpbusd multiplies u8 x s8 into int16-free int32 partial sums (each 4-term sum is at
-// most 4 * 255 * 128 in magnitude) and adds them to the int32 accumulator with wrap-around (the
-// saturating form is vpdpbusds, not used), i.e. modulo 2^32 like the reference's uint32 sums. The
-// epilogue below is the reference's requantize() step by step (see requant16).
+// Exactness: vpdpbusd multiplies u8 x s8 pairs into int32 (no int16 intermediate: each 4-term sum
+// is at most 4 * 255 * 128 in magnitude) and adds them to the int32 accumulator with wrap-around
+// (the saturating form is vpdpbusds, not used), i.e. modulo 2^32 like the reference's uint32 sums.
+// The epilogue (requant16) is the reference's requantize() in 64-bit lanes; the tests compare every
+// path bit for bit.
 //
-// Blocking: a micro-kernel computes MR rows x NB column blocks (16 columns each) over all of K, in
-// MR * NB zmm accumulators: per packed group (4 k) it loads one zmm of weights per column block
-// (64 bytes = 16 columns x 4 k) and broadcasts 4 bytes of each A row, then MR * NB vpdpbusd. The
-// epilogue is applied to the accumulators in registers and stored with masked stores. Column panels
-// of NB blocks are the outer loop (the panel of the packed weight stays in cache across the rows),
-// row blocks the inner one. A is read in place: the last, partial group of K (K % 4 != 0) goes
-// through a zero-padded copy of the 1..3 valid bytes, so no byte past a row's end is read.
+// Blocking: a micro-kernel computes kMr rows x kNb column blocks (16 columns each) over all of K in
+// kMr * kNb zmm accumulators: per packed group (4 k) it loads one zmm of weights per column block
+// (64 bytes = 16 columns x 4 k), broadcasts 4 bytes of each A row and issues kMr * kNb vpdpbusd
+// (2 per cycle on Sapphire Rapids; 24 independent accumulators hide its 5-cycle latency). The sums
+// go to a small stack tile and the epilogue writes C with masked stores (column tails). Column
+// panels of kNb blocks are the outer loop (the panel of the packed weight stays in L1/L2 across the
+// row blocks), row blocks the inner one; M and N tails use the smaller instantiations. A is read in
+// place: the last, partial group of K (K % 4 != 0) goes through a zero-padded copy of the 1..3
+// valid bytes, so no byte past a row's end is read.
 // GCC 12's AVX-512 headers trip -Wuninitialized on their own _mm512_undefined_*() after inlining
 // (GCC bug 105593, fixed in 13); the diagnostics are located in the header, so silence them there.
 #pragma GCC diagnostic push
@@ -90,7 +93,7 @@ RequantCols requant_cols(const RequantEpilogue& ep, int64_t n0, int nv) {
     mult[i] = m.multiplier;
     lsh[i] = std::max(m.exponent, 0);
     c.any_lshift |= lsh[i] > 0;
-    round[i % 2][i / 2] = (int64_t{1} << 30) + (r > 0 ? int64_t{1} << (30 + r) : 0);
+    round[i % 2][i / 2] = (int64_t{1} << (30 + r)) + m.offset;
     shift[i % 2][i / 2] = 31 + r;
   }
   c.corr = correction(ep.row_sums, ep.a_zero_point, ep.bias, n0, nv);
@@ -118,11 +121,9 @@ RequantConsts requant_consts(const RequantEpilogue& ep) {
           _mm512_set1_epi32(ep.out_zero_point)};
 }
 
-// requantize() of qgemm.cpp on 16 lanes; acc is the raw product sum (before the correction).
-// The two roundings fuse into one 64-bit shift: with z = x * M and r = max(-exponent, 0),
-//   floor((floor((z + 2^30) / 2^31) + 2^(r-1)) / 2^r) = floor((z + 2^30 + 2^(r+30)) / 2^(31+r))
-// (floor((floor(u) + c) / n) = floor((u + c) / n) for integer c and n > 0; without the 2^(r+30)
-// term for r = 0). |z + ...| < 2^62 + 2^61, and the result fits int32 since 2^30 <= M < 2^31.
+// requantize() of qgemm.cpp on 16 lanes; acc is the raw product sum (before the correction):
+// with z = x * M and r = max(-exponent, 0), floor((z + 2^(30+r) + offset) / 2^(31+r)) in 64-bit
+// lanes. |z + 2^(30+r) + offset| < 2^62 + 2^61 + 2^30, and the result fits int32 since M < 2^31.
 inline __m512i requant16(__m512i acc, const RequantCols& p, const RequantConsts& k) {
   __m512i x = _mm512_add_epi32(acc, p.corr);
   if (p.any_lshift) {

@@ -24,24 +24,25 @@ std::tuple<at::Tensor, at::Tensor> pack_quantized_weight(const at::Tensor& weigh
 }
 
 at::Tensor quantized_linear(const at::Tensor& input, const at::Tensor& packed_weight,
-                            const at::Tensor& row_sums, const at::Tensor& weight_scale,
+                            const at::Tensor& row_sums, at::IntArrayRef weight_shape,
+                            const at::Tensor& weight_scale,
                             const std::optional<at::Tensor>& bias,
                             std::optional<double> output_scale, int64_t output_zero_point,
                             int64_t output_min, int64_t output_max, bool relu) {
   static auto op = typed_op<decltype(quantized_linear)>("qext::quantized_linear");
-  return op.call(input, packed_weight, row_sums, weight_scale, bias, output_scale,
+  return op.call(input, packed_weight, row_sums, weight_shape, weight_scale, bias, output_scale,
                  output_zero_point, output_min, output_max, relu);
 }
 
 at::Tensor quantized_conv2d(const at::Tensor& input, const at::Tensor& packed_weight,
-                            const at::Tensor& row_sums, const at::Tensor& weight_scale,
-                            const std::optional<at::Tensor>& bias, at::IntArrayRef kernel_size,
+                            const at::Tensor& row_sums, at::IntArrayRef weight_shape,
+                            const at::Tensor& weight_scale, const std::optional<at::Tensor>& bias,
                             at::IntArrayRef stride, at::IntArrayRef padding,
                             at::IntArrayRef dilation, int64_t groups,
                             std::optional<double> output_scale, int64_t output_zero_point,
                             int64_t output_min, int64_t output_max, bool relu) {
   static auto op = typed_op<decltype(quantized_conv2d)>("qext::quantized_conv2d");
-  return op.call(input, packed_weight, row_sums, weight_scale, bias, kernel_size, stride, padding,
+  return op.call(input, packed_weight, row_sums, weight_shape, weight_scale, bias, stride, padding,
                  dilation, groups, output_scale, output_zero_point, output_min, output_max, relu);
 }
 
@@ -86,12 +87,12 @@ std::vector<std::string> supported_int8_isas() {
 TORCH_LIBRARY_FRAGMENT(qext, m) {
   m.def("pack_quantized_weight(Tensor weight, int groups=1) -> (Tensor, Tensor)");
   m.def(
-      "quantized_linear(Tensor input, Tensor packed_weight, Tensor row_sums, Tensor weight_scale, "
-      "Tensor? bias, float? output_scale, int output_zero_point, int output_min, int output_max, "
+      "quantized_linear(Tensor input, Tensor packed_weight, Tensor row_sums, int[] weight_shape, "
+      "Tensor weight_scale, Tensor? bias, float? output_scale, int output_zero_point, int output_min, int output_max, "
       "bool relu=False) -> Tensor");
   m.def(
-      "quantized_conv2d(Tensor input, Tensor packed_weight, Tensor row_sums, Tensor weight_scale, "
-      "Tensor? bias, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, "
+      "quantized_conv2d(Tensor input, Tensor packed_weight, Tensor row_sums, int[] weight_shape, "
+      "Tensor weight_scale, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, "
       "int groups, float? output_scale, int output_zero_point, int output_min, int output_max, "
       "bool relu=False) -> Tensor");
   m.def(

@@ -22,21 +22,23 @@ std::tuple<at::Tensor, at::Tensor> pack_quantized_weight(const at::Tensor& weigh
                                                          int64_t groups = 1);
 
 // y = requantize(sum_k (x - z_x) * w + round(bias / (s_x * s_w))) as a per-tensor quantized tensor
+// (weight_shape: the [out, in] shape of the weight that was packed)
 // with output_scale / output_zero_point (quint8 when [output_min, output_max] fits [0, 255], else
 // qint8), clamped to [output_min, output_max] (and at the zero point with relu). Without
 // output_scale the output is float32: acc * s_x * s_w (relu applied). weight_scale: float32, one
 // entry (per tensor) or one per output channel; weights are symmetric (zero point 0).
 at::Tensor quantized_linear(const at::Tensor& input, const at::Tensor& packed_weight,
-                            const at::Tensor& row_sums, const at::Tensor& weight_scale,
+                            const at::Tensor& row_sums, at::IntArrayRef weight_shape,
+                            const at::Tensor& weight_scale,
                             const std::optional<at::Tensor>& bias,
                             std::optional<double> output_scale, int64_t output_zero_point,
                             int64_t output_min, int64_t output_max, bool relu = false);
 
-// The same for a 2-D convolution (zero padding: padded taps are the input zero point). The output
+// The same for a 2-D convolution, weight_shape [out, in / groups, kh, kw] (zero padding: padded taps are the input zero point). The output
 // is NCHW-shaped in channels_last memory format.
 at::Tensor quantized_conv2d(const at::Tensor& input, const at::Tensor& packed_weight,
-                            const at::Tensor& row_sums, const at::Tensor& weight_scale,
-                            const std::optional<at::Tensor>& bias, at::IntArrayRef kernel_size,
+                            const at::Tensor& row_sums, at::IntArrayRef weight_shape,
+                            const at::Tensor& weight_scale, const std::optional<at::Tensor>& bias,
                             at::IntArrayRef stride, at::IntArrayRef padding,
                             at::IntArrayRef dilation, int64_t groups,
                             std::optional<double> output_scale, int64_t output_zero_point,

@@ -85,18 +85,80 @@ at::Tensor empty_int8_output(at::IntArrayRef sizes, const Int8Output& out,
                                      out.zero_point, memory_format);
 }
 
+LinearShape linear_shape(const at::Tensor& input, at::IntArrayRef weight_shape, const char* op) {
+  TORCH_CHECK(weight_shape.size() == 2 && weight_shape[0] > 0 && weight_shape[1] > 0, op,
+              ": weight_shape must be [out_features, in_features] > 0, got ", weight_shape);
+  TORCH_CHECK(input.dim() >= 1 && input.size(-1) == weight_shape[1], op, ": input of shape ",
+              input.sizes(), " does not end in the weight's ", weight_shape[1], " in_features");
+  LinearShape s;
+  s.out_features = weight_shape[0];
+  s.in_features = weight_shape[1];
+  s.rows = input.numel() / s.in_features;
+  s.packed_bytes = static_cast<int64_t>(kernels::packed_weight_bytes(s.out_features, s.in_features));
+  return s;
+}
+
+Conv2dShape conv2d_shape(const at::Tensor& input, at::IntArrayRef weight_shape,
+                         at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                         int64_t groups, const char* op) {
+  TORCH_CHECK(input.dim() == 4, op, ": input must be 4-D [N, C, H, W], got shape ", input.sizes());
+  TORCH_CHECK(weight_shape.size() == 4 && weight_shape[0] > 0 && weight_shape[1] > 0 &&
+                  weight_shape[2] > 0 && weight_shape[3] > 0,
+              op, ": weight_shape must be [out_channels, in_channels / groups, kh, kw] > 0, got ",
+              weight_shape);
+  auto two = [&](at::IntArrayRef v, const char* name, int64_t lo) {
+    TORCH_CHECK(v.size() == 2 && v[0] >= lo && v[1] >= lo, op, ": ", name,
+                " must be two values >= ", lo, ", got ", v);
+  };
+  two(stride, "stride", 1);
+  two(padding, "padding", 0);
+  two(dilation, "dilation", 1);
+  const int64_t out_channels = weight_shape[0];
+  TORCH_CHECK(groups >= 1 && out_channels % groups == 0, op, ": groups = ", groups,
+              " must divide the output channels (", out_channels, ")");
+  TORCH_CHECK(input.size(1) == weight_shape[1] * groups, op, ": input has ", input.size(1),
+              " channels where the weight (", weight_shape, ") with groups = ", groups, " takes ",
+              weight_shape[1] * groups);
+  Conv2dShape s;
+  auto& g = s.geometry;
+  g.batch = input.size(0);
+  g.in_channels = input.size(1);
+  g.in_h = input.size(2);
+  g.in_w = input.size(3);
+  g.out_channels = out_channels;
+  g.kernel_h = weight_shape[2];
+  g.kernel_w = weight_shape[3];
+  g.stride_h = stride[0];
+  g.stride_w = stride[1];
+  g.pad_h = padding[0];
+  g.pad_w = padding[1];
+  g.dilation_h = dilation[0];
+  g.dilation_w = dilation[1];
+  g.groups = groups;
+  g.out_h = (g.in_h + 2 * g.pad_h - g.dilation_h * (g.kernel_h - 1) - 1) / g.stride_h + 1;
+  g.out_w = (g.in_w + 2 * g.pad_w - g.dilation_w * (g.kernel_w - 1) - 1) / g.stride_w + 1;
+  TORCH_CHECK(g.out_h > 0 && g.out_w > 0, op, ": input of shape ", input.sizes(),
+              " is too small for the kernel ", weight_shape[2], "x", weight_shape[3],
+              " with padding ", padding, " and dilation ", dilation);
+  s.depthwise = groups > 1 && groups == g.in_channels && groups == out_channels;
+  s.group_bytes = static_cast<int64_t>(kernels::packed_weight_bytes(out_channels / groups, g.group_k()));
+  s.packed_bytes = s.depthwise ? g.kernel_h * g.kernel_w * out_channels : s.group_bytes * groups;
+  return s;
+}
+
 Int8LayerParams resolve_int8_layer(const at::Tensor& input, const at::Tensor& packed_weight,
                                    int64_t packed_bytes, const at::Tensor& row_sums,
-                                   const at::Tensor& weight_scale,
+                                   int64_t out_channels, const at::Tensor& weight_scale,
                                    const std::optional<at::Tensor>& bias, int64_t reduction,
                                    const Int8Output& output, const char* op) {
   Int8LayerParams p;
   p.input = resolve_int8_input(input, op);
   p.output = output;
-  TORCH_CHECK(row_sums.scalar_type() == at::kInt && row_sums.dim() == 1 && row_sums.numel() > 0,
-              op, ": row_sums must be a non-empty 1-D int32 tensor, got ", row_sums.scalar_type(),
-              " of shape ", row_sums.sizes());
-  const int64_t n = row_sums.numel();
+  TORCH_CHECK(row_sums.scalar_type() == at::kInt && row_sums.dim() == 1 &&
+                  row_sums.numel() == out_channels,
+              op, ": row_sums must be int32 of shape [", out_channels, "], got ",
+              row_sums.scalar_type(), " of shape ", row_sums.sizes());
+  const int64_t n = out_channels;
   p.out_channels = n;
   TORCH_CHECK(packed_weight.scalar_type() == at::kChar && packed_weight.dim() == 1, op,
               ": packed_weight must be a 1-D int8 tensor (from pack_quantized_weight), got ",
@@ -130,9 +192,12 @@ Int8LayerParams resolve_int8_layer(const at::Tensor& input, const at::Tensor& pa
     const auto b = bias->detach().to(at::kCPU, at::kDouble).contiguous();
     const double* b_p = b.data_ptr<double>();
     p.bias.resize(n);
+    p.bias_fraction.resize(n);
     for (int64_t c = 0; c < n; ++c) {
       TORCH_CHECK(std::isfinite(b_p[c]), op, ": bias[", c, "] = ", b_p[c], " is not finite");
-      const double q = std::nearbyint(b_p[c] / acc_scale[c]);
+      const double b = b_p[c] / acc_scale[c];
+      const double q = std::nearbyint(b);
+      p.bias_fraction[c] = b - q;
       TORCH_CHECK(std::abs(q) <= kInt32Max, op, ": bias[", c, "] = ", b_p[c],
                   " is beyond int32 at the accumulator scale ", acc_scale[c]);
       p.bias[c] = static_cast<int32_t>(q);
@@ -154,6 +219,12 @@ Int8LayerParams resolve_int8_layer(const at::Tensor& input, const at::Tensor& pa
       TORCH_CHECK(kernels::quantize_multiplier(m, &p.multiplier[c]), op,
                   ": the requantization multiplier input_scale * weight_scale[", c,
                   "] / output_scale = ", m, " has no fixed-point form (needs 2^-32 <= m <= 2^30)");
+      // The bias below one accumulator unit, at the multiplier's resolution (|.| <= 2^30); with
+      // m >= 1 (exponent > 0) one unit is at least an output step and the int32 bias is kept as is.
+      if (!p.bias_fraction.empty() && p.multiplier[c].exponent <= 0) {
+        p.multiplier[c].offset =
+            static_cast<int32_t>(std::llround(p.bias_fraction[c] * p.multiplier[c].multiplier));
+      }
     }
   }
   return p;

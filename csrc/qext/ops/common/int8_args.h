@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "qext/kernels/qconv.h"
 #include "qext/kernels/qgemm.h"
 
 namespace qext::ops::detail {
@@ -42,23 +43,47 @@ at::Tensor empty_int8_output(at::IntArrayRef sizes, const Int8Output& out,
                              const at::TensorOptions& device_options,
                              at::MemoryFormat memory_format = at::MemoryFormat::Contiguous);
 
+// The GEMM of a quantized_linear call: input [..., in_features] (rows = the leading elements)
+// against a weight of weight_shape [out_features, in_features]; packed_bytes is what its packed
+// weight must hold.
+struct LinearShape {
+  int64_t rows = 0, out_features = 0, in_features = 0, packed_bytes = 0;
+};
+LinearShape linear_shape(const at::Tensor& input, at::IntArrayRef weight_shape, const char* op);
+
+// The convolution of a quantized_conv2d call: input [N, C, H, W] and a weight of weight_shape
+// [out_channels, C / groups, kh, kw]. Depthwise convolutions (groups == C == out_channels > 1)
+// have their own packed layout (tap-major, kh * kw * C bytes), the others one packed GEMM weight of
+// group_bytes per group.
+struct Conv2dShape {
+  kernels::Conv2dGeometry geometry{};
+  bool depthwise = false;
+  int64_t group_bytes = 0, packed_bytes = 0;
+};
+Conv2dShape conv2d_shape(const at::Tensor& input, at::IntArrayRef weight_shape,
+                         at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                         int64_t groups, const char* op);
+
 // Everything the kernels of one quantized_linear / quantized_conv2d call need, per output channel:
-// the int32 bias round(bias / (s_x * s_w)) (empty without bias), the requantization multipliers
-// s_x * s_w / s_out (8-bit output) or the float scales s_x * s_w (float output).
+// the int32 bias round(bias / (s_x * s_w)) (empty without bias) and the rest of it (bias_fraction,
+// in [-1/2, 1/2] accumulator units), the requantization multipliers s_x * s_w / s_out (8-bit
+// output; their offsets carry bias_fraction) or the float scales s_x * s_w (float output).
 struct Int8LayerParams {
   Int8Input input;
   Int8Output output;
   int64_t out_channels = 0;
   std::vector<int32_t> bias;
+  std::vector<double> bias_fraction;
   std::vector<kernels::FixedPointMultiplier> multiplier;
   std::vector<float> float_scale;
 };
 
-// Checks the weight tensors (packed_weight int8 1-D of packed_bytes bytes, row_sums int32 [N],
-// weight_scale float32 [1] or [N] finite and > 0, bias float32 [N] finite), that the int32
-// accumulation over `reduction` (K) terms is exact, and derives the per-channel parameters.
+// Checks the weight tensors (packed_weight int8 1-D of packed_bytes bytes, row_sums int32 [N] for
+// N = out_channels, weight_scale float32 [1] or [N] finite and > 0, bias float32 [N] finite), that
+// the int32 accumulation over `reduction` (K) terms is exact, and derives the per-channel parameters.
 Int8LayerParams resolve_int8_layer(const at::Tensor& input, const at::Tensor& packed_weight,
                                    int64_t packed_bytes, const at::Tensor& row_sums,
+                                   int64_t out_channels,
                                    const at::Tensor& weight_scale,
                                    const std::optional<at::Tensor>& bias, int64_t reduction,
                                    const Int8Output& output, const char* op);

@@ -148,24 +148,21 @@ std::tuple<at::Tensor, at::Tensor> pack_quantized_weight_cpu(const at::Tensor& w
 }
 
 at::Tensor quantized_linear_cpu(const at::Tensor& input, const at::Tensor& packed_weight,
-                                const at::Tensor& row_sums, const at::Tensor& weight_scale,
+                                const at::Tensor& row_sums, at::IntArrayRef weight_shape,
+                                const at::Tensor& weight_scale,
                                 const std::optional<at::Tensor>& bias,
                                 std::optional<double> output_scale, int64_t output_zero_point,
                                 int64_t output_min, int64_t output_max, bool relu) {
   constexpr const char* op = "qext.quantized_linear";
   const auto out = detail::resolve_int8_output(output_scale, output_zero_point, output_min,
                                                output_max, relu, op);
-  TORCH_CHECK(input.dim() >= 1 && input.size(-1) > 0, op,
-              ": input must have a non-empty last (feature) dimension, got shape ", input.sizes());
-  const int64_t K = input.size(-1);
-  const int64_t N = row_sums.dim() == 1 ? row_sums.numel() : 0;
-  const auto p = detail::resolve_int8_layer(
-      input, packed_weight, static_cast<int64_t>(k::packed_weight_bytes(std::max<int64_t>(N, 1), K)),
-      row_sums, weight_scale, bias, K, out, op);
+  const auto shape = detail::linear_shape(input, weight_shape, op);
+  const int64_t M = shape.rows, N = shape.out_features, K = shape.in_features;
+  const auto p = detail::resolve_int8_layer(input, packed_weight, shape.packed_bytes, row_sums, N,
+                                            weight_scale, bias, K, out, op);
   auto sizes = input.sizes().vec();
   sizes.back() = N;
   auto y = detail::empty_int8_output(sizes, out, input.options());
-  const int64_t M = input.numel() / K;
   if (M == 0) return y;
 
   auto x = p.input.flip ? flipped_levels(input.contiguous()) : input.contiguous();
@@ -182,45 +179,6 @@ at::Tensor quantized_linear_cpu(const at::Tensor& input, const at::Tensor& packe
     }
   });
   return y;
-}
-
-k::Conv2dGeometry conv_geometry(const at::Tensor& input, int64_t out_channels,
-                                at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                                const char* op) {
-  TORCH_CHECK(input.dim() == 4, op, ": input must be 4-D [N, C, H, W], got shape ", input.sizes());
-  auto two = [&](at::IntArrayRef v, const char* name, int64_t lo) {
-    TORCH_CHECK(v.size() == 2 && v[0] >= lo && v[1] >= lo, op, ": ", name, " must be two values >= ",
-                lo, ", got ", v);
-  };
-  two(kernel_size, "kernel_size", 1);
-  two(stride, "stride", 1);
-  two(padding, "padding", 0);
-  two(dilation, "dilation", 1);
-  TORCH_CHECK(groups >= 1 && input.size(1) % groups == 0 && out_channels % groups == 0, op,
-              ": groups = ", groups, " must divide the input channels (", input.size(1),
-              ") and the output channels (", out_channels, ")");
-  k::Conv2dGeometry g{};
-  g.batch = input.size(0);
-  g.in_channels = input.size(1);
-  g.in_h = input.size(2);
-  g.in_w = input.size(3);
-  g.out_channels = out_channels;
-  g.kernel_h = kernel_size[0];
-  g.kernel_w = kernel_size[1];
-  g.stride_h = stride[0];
-  g.stride_w = stride[1];
-  g.pad_h = padding[0];
-  g.pad_w = padding[1];
-  g.dilation_h = dilation[0];
-  g.dilation_w = dilation[1];
-  g.groups = groups;
-  g.out_h = (g.in_h + 2 * g.pad_h - g.dilation_h * (g.kernel_h - 1) - 1) / g.stride_h + 1;
-  g.out_w = (g.in_w + 2 * g.pad_w - g.dilation_w * (g.kernel_w - 1) - 1) / g.stride_w + 1;
-  TORCH_CHECK(g.in_channels > 0 && g.out_h > 0 && g.out_w > 0, op, ": input of shape ",
-              input.sizes(), " is too small (or empty) for kernel_size ", kernel_size,
-              ", padding ", padding, ", dilation ", dilation);
-  return g;
 }
 
 // Depthwise convolution: a direct kernel over channels-last rows.
@@ -244,24 +202,21 @@ void depthwise_cpu(const at::Tensor& input, const k::Conv2dGeometry& g, const in
 }
 
 at::Tensor quantized_conv2d_cpu(const at::Tensor& input, const at::Tensor& packed_weight,
-                                const at::Tensor& row_sums, const at::Tensor& weight_scale,
-                                const std::optional<at::Tensor>& bias,
-                                at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                const at::Tensor& row_sums, at::IntArrayRef weight_shape,
+                                const at::Tensor& weight_scale,
+                                const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                                 at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                                 std::optional<double> output_scale, int64_t output_zero_point,
                                 int64_t output_min, int64_t output_max, bool relu) {
   constexpr const char* op = "qext.quantized_conv2d";
   const auto out = detail::resolve_int8_output(output_scale, output_zero_point, output_min,
                                                output_max, relu, op);
-  const int64_t OC = row_sums.dim() == 1 ? row_sums.numel() : 0;
-  TORCH_CHECK(OC > 0, op, ": row_sums must be a non-empty 1-D int32 tensor, got shape ",
-              row_sums.sizes());
-  const auto g = conv_geometry(input, OC, kernel_size, stride, padding, dilation, groups, op);
-  const bool depthwise = is_depthwise(groups, g.in_channels, OC);
-  const int64_t K = g.group_k(), OCg = OC / groups;
-  const int64_t group_bytes = static_cast<int64_t>(k::packed_weight_bytes(OCg, K));
-  const int64_t packed_bytes = depthwise ? g.kernel_h * g.kernel_w * OC : group_bytes * groups;
-  const auto p = detail::resolve_int8_layer(input, packed_weight, packed_bytes, row_sums,
+  const auto shape = detail::conv2d_shape(input, weight_shape, stride, padding, dilation, groups, op);
+  const auto& g = shape.geometry;
+  const bool depthwise = shape.depthwise;
+  const int64_t OC = g.out_channels, K = g.group_k(), OCg = OC / groups;
+  const int64_t group_bytes = shape.group_bytes;
+  const auto p = detail::resolve_int8_layer(input, packed_weight, shape.packed_bytes, row_sums, OC,
                                             weight_scale, bias, K, out, op);
   TORCH_CHECK(!(depthwise && out.is_float), op,
               ": depthwise convolutions write quantized outputs; give an output_scale");
@@ -276,12 +231,12 @@ at::Tensor quantized_conv2d_cpu(const at::Tensor& input, const at::Tensor& packe
   }
 
   const int64_t P = g.batch * g.out_h * g.out_w;  // GEMM rows: output pixels
-  const bool channels_last = input.is_contiguous(at::MemoryFormat::ChannelsLast);
+  // im2col copies runs of channels from a channels-last input (an NCHW one would be gathered byte by
+  // byte: one layout copy first is much cheaper).
+  const auto x = input.contiguous(at::MemoryFormat::ChannelsLast);
   // A 1x1, stride-1, unpadded convolution of a channels-last uint8 input is a GEMM on the input.
-  const bool direct = channels_last && groups == 1 && g.kernel_h == 1 && g.kernel_w == 1 &&
-                      g.stride_h == 1 && g.stride_w == 1 && g.pad_h == 0 && g.pad_w == 0 &&
-                      p.input.flip == 0;
-  const auto x = channels_last ? input : input.contiguous();
+  const bool direct = groups == 1 && g.kernel_h == 1 && g.kernel_w == 1 && g.stride_h == 1 &&
+                      g.stride_w == 1 && g.pad_h == 0 && g.pad_w == 0 && p.input.flip == 0;
   const uint8_t* x_p = levels(x);
   const int64_t strides[4] = {x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
   constexpr int64_t kRowsPerTask = 128;

@@ -74,6 +74,7 @@ struct Epilogue {
   const int32_t* bias;      // [channels] or nullptr
   const int32_t* mult;      // [channels] FixedPointMultiplier::multiplier (8-bit output)
   const int32_t* expo;      // [channels] FixedPointMultiplier::exponent (8-bit output)
+  const int32_t* offset;    // [channels] FixedPointMultiplier::offset (8-bit output)
   const float* scale;       // [channels] (float output)
   int32_t a_zero_point;     // of the uint8 levels
   int32_t out_zero_point;
@@ -84,11 +85,10 @@ struct Epilogue {
 
 // qext::kernels::requantize (qgemm.h), bit for bit:
 //   x = saturate_int32(acc * 2^max(exponent, 0))
-//   x = floor((int64(x) * multiplier + 2^30) / 2^31)
-//   x = floor((x + 2^(r - 1)) / 2^r), r = max(-exponent, 0)
+//   x = floor((int64(x) * multiplier + 2^(n - 1) + offset) / 2^n), n = 31 + max(-exponent, 0)
 //   q = clamp(int64(x) + out_zero_point, out_min, out_max)
 __host__ __device__ __forceinline__ int32_t requantize_fixed(int32_t acc, int32_t multiplier,
-                                                             int32_t exponent,
+                                                             int32_t exponent, int32_t offset,
                                                              int32_t out_zero_point,
                                                              int32_t out_min, int32_t out_max) {
   int64_t x = acc;
@@ -97,11 +97,8 @@ __host__ __device__ __forceinline__ int32_t requantize_fixed(int32_t acc, int32_
     x *= int64_t{1} << e;
     x = x < INT32_MIN ? INT32_MIN : (x > INT32_MAX ? INT32_MAX : x);
   }
-  x = (x * multiplier + (int64_t{1} << 30)) >> 31;  // arithmetic shift: floor
-  if (exponent < 0) {
-    const int r = exponent > -40 ? -exponent : 40;  // as the CPU: r >= 40 gives 0 as 40 does
-    x = (x + (int64_t{1} << (r - 1))) >> r;
-  }
+  const int n = 31 + (exponent >= 0 ? 0 : (exponent > -31 ? -exponent : 31));  // as the CPU
+  x = (x * multiplier + (int64_t{1} << (n - 1)) + offset) >> n;  // arithmetic shift: floor
   x += out_zero_point;
   x = x < out_min ? out_min : (x > out_max ? out_max : x);
   return static_cast<int32_t>(x);
@@ -117,8 +114,9 @@ __device__ __forceinline__ uint32_t channel_offset(const Epilogue& ep, int64_t c
 
 // The stored byte: the low 8 bits of the requantized level (uint8 or int8 levels alike).
 __device__ __forceinline__ uint32_t requant_byte(const Epilogue& ep, int32_t acc, int32_t mult,
-                                                 int32_t expo) {
-  const int32_t q = requantize_fixed(acc, mult, expo, ep.out_zero_point, ep.out_min, ep.out_max);
+                                                 int32_t expo, int32_t offset) {
+  const int32_t q =
+      requantize_fixed(acc, mult, expo, offset, ep.out_zero_point, ep.out_min, ep.out_max);
   return static_cast<uint32_t>(q) & 0xffu;
 }
 
@@ -212,7 +210,7 @@ struct GemmConfig {
 
 using LargeConfig = GemmConfig<128, 128, 2, 2, 4>;  // warp 64 x 64, 64 KB shared memory
 using SmallConfig = GemmConfig<64, 64, 2, 2, 4>;    // warp 32 x 32, 32 KB
-using TinyConfig = GemmConfig<16, 64, 1, 2, 4>;     // warp 16 x 32, 20 KB (M <= 16)
+using TinyConfig = GemmConfig<16, 64, 1, 2, 4>;     // warp 16 x 32, 20 KB (M <= 16, small GEMMs)
 
 template <typename Cfg, bool kFlipA, bool kFloatOut>
 __global__ void __launch_bounds__(Cfg::kThreads) qgemm_u8s8_kernel(const GemmArgs args) {
@@ -361,7 +359,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) qgemm_u8s8_kernel(const GemmArg
     const int col0 = n0 + wn0 + 32 * h + 8 * t;
     // This thread's 8 columns' parameters, loaded once for all its rows.
     uint32_t offset[8];
-    int32_t mult[8], expo[8];
+    int32_t mult[8], expo[8], round_offset[8];
     float scale[8];
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
@@ -370,10 +368,11 @@ __global__ void __launch_bounds__(Cfg::kThreads) qgemm_u8s8_kernel(const GemmArg
       offset[e] = in ? channel_offset(ep, ch) : 0u;
       if constexpr (kFloatOut) {
         scale[e] = in ? __ldg(ep.scale + ch) : 0.f;
-        mult[e] = expo[e] = 0;
+        mult[e] = expo[e] = round_offset[e] = 0;
       } else {
         mult[e] = in ? __ldg(ep.mult + ch) : 0;
         expo[e] = in ? __ldg(ep.expo + ch) : 0;
+        round_offset[e] = in ? __ldg(ep.offset + ch) : 0;
         scale[e] = 0.f;
       }
     }
@@ -409,7 +408,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) qgemm_u8s8_kernel(const GemmArg
           uint8_t* dst = static_cast<uint8_t*>(args.c) + out_index;
           uint32_t y[8];
 #pragma unroll
-          for (int e = 0; e < 8; ++e) y[e] = requant_byte(ep, v[e], mult[e], expo[e]);
+          for (int e = 0; e < 8; ++e) y[e] = requant_byte(ep, v[e], mult[e], expo[e], round_offset[e]);
           if (full && (reinterpret_cast<uintptr_t>(dst) & 7) == 0) {
             uint2 packed;
             packed.x = y[0] | (y[1] << 8) | (y[2] << 16) | (y[3] << 24);
@@ -642,7 +641,8 @@ __global__ void depthwise_kernel(const DepthwiseArgs p) {
       }
     }
     p.out[i] = static_cast<uint8_t>(
-        requant_byte(p.ep, static_cast<int32_t>(acc), __ldg(p.ep.mult + c), __ldg(p.ep.expo + c)));
+        requant_byte(p.ep, static_cast<int32_t>(acc), __ldg(p.ep.mult + c), __ldg(p.ep.expo + c),
+                     __ldg(p.ep.offset + c)));
   }
 }
 
@@ -667,7 +667,7 @@ DeviceEpilogue upload_epilogue(const Int8LayerParams& p, const at::Tensor& row_s
                                const at::Device& device) {
   const int64_t n = p.out_channels;
   const bool has_bias = !p.bias.empty();
-  const int64_t per_channel = (p.output.is_float ? 1 : 2) + (has_bias ? 1 : 0);
+  const int64_t per_channel = (p.output.is_float ? 1 : 3) + (has_bias ? 1 : 0);
   at::Tensor host =
       at::empty({per_channel * n}, at::TensorOptions().dtype(at::kInt).pinned_memory(true));
   int32_t* h = host.mutable_data_ptr<int32_t>();
@@ -677,6 +677,7 @@ DeviceEpilogue upload_epilogue(const Int8LayerParams& p, const at::Tensor& row_s
     for (int64_t c = 0; c < n; ++c) {
       h[c] = p.multiplier[c].multiplier;
       h[n + c] = p.multiplier[c].exponent;
+      h[2 * n + c] = p.multiplier[c].offset;
     }
   }
   if (has_bias) std::memcpy(h + (per_channel - 1) * n, p.bias.data(), n * sizeof(int32_t));
@@ -691,6 +692,7 @@ DeviceEpilogue upload_epilogue(const Int8LayerParams& p, const at::Tensor& row_s
   ep.scale = p.output.is_float ? reinterpret_cast<const float*>(dp) : nullptr;
   ep.mult = p.output.is_float ? nullptr : dp;
   ep.expo = p.output.is_float ? nullptr : dp + n;
+  ep.offset = p.output.is_float ? nullptr : dp + 2 * n;
   ep.a_zero_point = p.input.zero_point;
   ep.out_zero_point = p.output.zero_point;
   ep.out_min = p.output.min;
@@ -709,7 +711,8 @@ at::Tensor aligned_weight(const at::Tensor& packed_weight) {
 }
 
 at::Tensor quantized_linear_cuda(const at::Tensor& input, const at::Tensor& packed_weight,
-                                 const at::Tensor& row_sums, const at::Tensor& weight_scale,
+                                 const at::Tensor& row_sums, at::IntArrayRef weight_shape,
+                                 const at::Tensor& weight_scale,
                                  const std::optional<at::Tensor>& bias,
                                  std::optional<double> output_scale, int64_t output_zero_point,
                                  int64_t output_min, int64_t output_max, bool relu) {
@@ -717,20 +720,15 @@ at::Tensor quantized_linear_cuda(const at::Tensor& input, const at::Tensor& pack
   constexpr const char* op = "qext.quantized_linear";
   const Int8Output out = detail::resolve_int8_output(output_scale, output_zero_point, output_min,
                                                      output_max, relu, op);
-  TORCH_CHECK(input.dim() >= 1 && input.size(-1) > 0, op,
-              ": input must have a non-empty last (feature) dimension, got shape ", input.sizes());
-  const int64_t K = input.size(-1);
-  const int64_t N = row_sums.dim() == 1 ? row_sums.numel() : 0;
-  const Int8LayerParams p = detail::resolve_int8_layer(
-      input, packed_weight,
-      static_cast<int64_t>(kernels::packed_weight_bytes(std::max<int64_t>(N, 1), K)), row_sums,
-      weight_scale, bias, K, out, op);
+  const auto shape = detail::linear_shape(input, weight_shape, op);
+  const int64_t M = shape.rows, N = shape.out_features, K = shape.in_features;
+  const Int8LayerParams p = detail::resolve_int8_layer(input, packed_weight, shape.packed_bytes,
+                                                       row_sums, N, weight_scale, bias, K, out, op);
   auto sizes = input.sizes().vec();
   sizes.back() = N;
 
   const c10::cuda::CUDAGuard guard(input.device());
   at::Tensor y = detail::empty_int8_output(sizes, out, input.options());
-  const int64_t M = input.numel() / K;
   if (M == 0) return y;
   check_device_capability(op);
   TORCH_CHECK(M <= std::numeric_limits<int32_t>::max() && N <= std::numeric_limits<int32_t>::max(),
@@ -776,69 +774,25 @@ at::Tensor quantized_linear_cuda(const at::Tensor& input, const at::Tensor& pack
   return y;
 }
 
-// The CPU kernel's geometry checks (ops/cpu/quantized_layers_kernel.cpp), message for message.
-kernels::Conv2dGeometry conv_geometry(const at::Tensor& input, int64_t out_channels,
-                                      at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                                      at::IntArrayRef padding, at::IntArrayRef dilation,
-                                      int64_t groups, const char* op) {
-  TORCH_CHECK(input.dim() == 4, op, ": input must be 4-D [N, C, H, W], got shape ", input.sizes());
-  auto two = [&](at::IntArrayRef v, const char* name, int64_t lo) {
-    TORCH_CHECK(v.size() == 2 && v[0] >= lo && v[1] >= lo, op, ": ", name,
-                " must be two values >= ", lo, ", got ", v);
-  };
-  two(kernel_size, "kernel_size", 1);
-  two(stride, "stride", 1);
-  two(padding, "padding", 0);
-  two(dilation, "dilation", 1);
-  TORCH_CHECK(groups >= 1 && input.size(1) % groups == 0 && out_channels % groups == 0, op,
-              ": groups = ", groups, " must divide the input channels (", input.size(1),
-              ") and the output channels (", out_channels, ")");
-  kernels::Conv2dGeometry g{};
-  g.batch = input.size(0);
-  g.in_channels = input.size(1);
-  g.in_h = input.size(2);
-  g.in_w = input.size(3);
-  g.out_channels = out_channels;
-  g.kernel_h = kernel_size[0];
-  g.kernel_w = kernel_size[1];
-  g.stride_h = stride[0];
-  g.stride_w = stride[1];
-  g.pad_h = padding[0];
-  g.pad_w = padding[1];
-  g.dilation_h = dilation[0];
-  g.dilation_w = dilation[1];
-  g.groups = groups;
-  g.out_h = (g.in_h + 2 * g.pad_h - g.dilation_h * (g.kernel_h - 1) - 1) / g.stride_h + 1;
-  g.out_w = (g.in_w + 2 * g.pad_w - g.dilation_w * (g.kernel_w - 1) - 1) / g.stride_w + 1;
-  TORCH_CHECK(g.in_channels > 0 && g.out_h > 0 && g.out_w > 0, op, ": input of shape ",
-              input.sizes(), " is too small (or empty) for kernel_size ", kernel_size, ", padding ",
-              padding, ", dilation ", dilation);
-  return g;
-}
-
 at::Tensor quantized_conv2d_cuda(const at::Tensor& input, const at::Tensor& packed_weight,
-                                 const at::Tensor& row_sums, const at::Tensor& weight_scale,
-                                 const std::optional<at::Tensor>& bias, at::IntArrayRef kernel_size,
-                                 at::IntArrayRef stride, at::IntArrayRef padding,
-                                 at::IntArrayRef dilation, int64_t groups,
+                                 const at::Tensor& row_sums, at::IntArrayRef weight_shape,
+                                 const at::Tensor& weight_scale,
+                                 const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                                 at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                                  std::optional<double> output_scale, int64_t output_zero_point,
                                  int64_t output_min, int64_t output_max, bool relu) {
   // The checks and their order are those of the CPU kernel.
   constexpr const char* op = "qext.quantized_conv2d";
   const Int8Output out = detail::resolve_int8_output(output_scale, output_zero_point, output_min,
                                                      output_max, relu, op);
-  const int64_t OC = row_sums.dim() == 1 ? row_sums.numel() : 0;
-  TORCH_CHECK(OC > 0, op, ": row_sums must be a non-empty 1-D int32 tensor, got shape ",
-              row_sums.sizes());
-  const auto geometry =
-      conv_geometry(input, OC, kernel_size, stride, padding, dilation, groups, op);
-  const bool depthwise = groups > 1 && groups == geometry.in_channels && groups == OC;
-  const int64_t K = geometry.group_k(), OCg = OC / groups;
-  const int64_t group_bytes = static_cast<int64_t>(kernels::packed_weight_bytes(OCg, K));
-  const int64_t packed_bytes =
-      depthwise ? geometry.kernel_h * geometry.kernel_w * OC : group_bytes * groups;
-  const Int8LayerParams p = detail::resolve_int8_layer(input, packed_weight, packed_bytes, row_sums,
-                                                       weight_scale, bias, K, out, op);
+  const auto shape =
+      detail::conv2d_shape(input, weight_shape, stride, padding, dilation, groups, op);
+  const auto& geometry = shape.geometry;
+  const bool depthwise = shape.depthwise;
+  const int64_t OC = geometry.out_channels, K = geometry.group_k(), OCg = OC / groups;
+  const int64_t group_bytes = shape.group_bytes;
+  const Int8LayerParams p = detail::resolve_int8_layer(input, packed_weight, shape.packed_bytes,
+                                                       row_sums, OC, weight_scale, bias, K, out, op);
   TORCH_CHECK(!(depthwise && out.is_float), op,
               ": depthwise convolutions write quantized outputs; give an output_scale");
   const ConvShape g = conv_shape(geometry);

@@ -8,15 +8,19 @@ working on them unchanged.
 
 ``Linear`` / ``Conv2d`` compute as Jacob et al. (2018):
 
-    acc   = sum((q_x - z_x) * q_w) + bias_q,   bias_q = round(bias / (s_x * s_w))   (int32)
-    q_out = clamp(requantize(acc, s_x * s_w / s_out) + z_out, qmin, qmax)    (ReLU: clamp at z_out)
+    acc   = sum((q_x - z_x) * q_w) + bias_q,   bias_q = round(b),  b = bias / (s_x * s_w)   (int32)
+    q_out = clamp(requantize(acc + (b - bias_q), s_x * s_w / s_out) + z_out, qmin, qmax)  (ReLU: clamp at z_out)
 
 Integer kernels (``torch.ops.qext.quantized_linear`` / ``quantized_conv2d``: AVX2 / AVX-512 VNNI / AMX on
 CPU, tensor cores on CUDA) run every layer whose weights are 8-bit symmetric (zero point 0) and whose output
 is 8-bit or float, on 8-bit quantized inputs; the weights are packed once, at convert time (and again
 after a state dict is loaded: the packed copy is not part of the state dict). Requantization is by a
-fixed-point multiplier and shift (``qext::kernels::requantize``). ``bias_q`` depends on the input scale,
-which an eager model knows at run time only, so the kernels derive it (and the multipliers) per call.
+fixed-point multiplier and shift (``qext::kernels::requantize``) with one rounding; the fraction of the bias
+below one accumulator unit (``b - bias_q``) rides in the multiplier's rounding offset, so an 8-bit output
+sees the exact bias (rounding the bias to int32, as gemmlowp does, flipped 10 of 10k Fashion-MNIST top-1
+classes against the fake-quant model; with it, none). Float outputs carry the int32 bias. ``b`` depends on
+the input scale, which an eager model knows at run time only, so the kernels derive it (and the
+multipliers) per call.
 
 Everything else runs the reference integer path (``reference_forward``): the same integer products and sums,
 carried out exactly in float64, requantized in float64 (round half to even). The two agree exactly except
@@ -36,8 +40,6 @@ from torch import nn
 
 from ...functional import dequantize, fake_quantize, quantize
 from .. import _utils
-
-_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 
 
 def _is_8bit(x) -> bool:
@@ -247,7 +249,6 @@ class _WeightedBase(_QuantizedBase):
             self.weight_quant_min, self.weight_quant_max, self.weight_axis = int(w_quant_min), int(w_quant_max), axis
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32).clone())
         self.relu = bool(relu)
-        self._bias_cache: Optional[tuple[float, torch.Tensor]] = None
 
     @property
     def weight_quantized(self) -> bool:
@@ -284,17 +285,13 @@ class _WeightedBase(_QuantizedBase):
         n = self.weight.shape[0]
         return self.weight_scale.expand(n) if self.weight_scale.numel() == 1 else self.weight_scale
 
-    def bias_int32(self, input_scale: float) -> Optional[torch.Tensor]:
-        """``round(bias / (input_scale * weight_scale))`` per output channel, clamped to int32 (cached for
-        the last input scale)."""
+    def bias_in_accumulator_units(self, input_scale: float) -> Optional[torch.Tensor]:
+        """``bias / (input_scale * weight_scale)`` per output channel (float64). The integer kernels add its
+        int32 rounding to the accumulator and, for quantized outputs, the rest through the requantization
+        (``FixedPointMultiplier.offset``), so that quantized outputs see the exact bias."""
         if self.bias is None:
             return None
-        if self._bias_cache is not None and self._bias_cache[0] == input_scale and self._bias_cache[1].device == self.bias.device:
-            return self._bias_cache[1]
-        acc_scale = float(input_scale) * self._weight_scale_per_channel().double()
-        bq = torch.round(self.bias.double() / acc_scale).clamp(_INT32_MIN, _INT32_MAX).to(torch.int32)
-        self._bias_cache = (input_scale, bq)
-        return bq
+        return self.bias.double() / (float(input_scale) * self._weight_scale_per_channel().double())
 
     def _integer_matmul(self, xc: torch.Tensor, wc: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -327,7 +324,6 @@ class _WeightedBase(_QuantizedBase):
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
-        self._bias_cache = None
         self._init_kernel()
 
     def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -345,9 +341,9 @@ class _WeightedBase(_QuantizedBase):
             xc = q_x.to(torch.float64) - z_x
             wc = self.weight.to(torch.float64) - self._channel_view(self.weight_zero_point.to(torch.float64))
             acc = self._integer_matmul(xc, wc)  # exact integers in float64
-            bq = self.bias_int32(s_x)
-            if bq is not None:
-                acc = acc + self._acc_view(bq.to(torch.float64), acc)
+            b = self.bias_in_accumulator_units(s_x)
+            if b is not None:  # float outputs: the int32 bias alone, as the kernels
+                acc = acc + self._acc_view(b if self.scale is not None else torch.round(b), acc)
             acc_scale = s_x * self._weight_scale_per_channel().double()
             if self.scale is None:
                 y = acc * self._acc_view(acc_scale, acc)
@@ -388,7 +384,8 @@ class Linear(_WeightedBase):
 
     def _kernel_forward(self, x):
         return torch.ops.qext.quantized_linear(
-            x, self.packed_weight, self.row_sums, self.weight_scale, self.bias, *self._output_args(), self.relu
+            x, self.packed_weight, self.row_sums, self.weight.shape, self.weight_scale, self.bias,
+            *self._output_args(), self.relu
         )
 
     def _integer_matmul(self, xc, wc):
@@ -439,7 +436,7 @@ class Conv2d(_WeightedBase):
         if self.padding_mode != "zeros" or isinstance(self.padding, str) or (depthwise and self.scale is None):
             return self.reference_forward(x)
         return torch.ops.qext.quantized_conv2d(
-            x, self.packed_weight, self.row_sums, self.weight_scale, self.bias, self.kernel_size, self.stride,
+            x, self.packed_weight, self.row_sums, self.weight.shape, self.weight_scale, self.bias, self.stride,
             self.padding, self.dilation, self.groups, *self._output_args(), self.relu
         )
 
