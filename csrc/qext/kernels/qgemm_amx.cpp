@@ -7,19 +7,19 @@
 // copied into tile order (zero-padded in k to packed_k(K) and in rows to a multiple of 32), so the
 // tile loads are contiguous and nothing past A's rows is read.
 //
-// Loop order: A is taken a chunk of rows at a time (its packed panels stay in L2); for each
-// 32-column stripe of the weight (which stays in L1) the chunk's 32-row panels go through the tile
-// unit into an int32 scratch, and the shared AVX-512 epilogue then runs once per stripe over the
-// whole chunk (its per-column setup is paid per call, so tall calls are cheaper). Software
-// pipelining: the tile instructions of a block are issued first and the core spends the time the
-// tile unit needs on the previous stripe's epilogue, on packing the next chunk of A and on
-// prefetching the one after.
+// Loop order: A is taken a chunk of up to 256 rows at a time (its packed panels stay in L2); for
+// each 32-column stripe of the weight (which stays in L1) the chunk's 32-row panels go through the
+// tile unit into an int32 scratch, and the shared AVX-512 epilogue then runs once per stripe over
+// the whole chunk (its per-column setup is paid per call, so tall calls are cheaper). The core work
+// (epilogue, packing the next chunk) is issued right after a block's tile instructions so that it
+// overlaps with the tile unit at least while that block computes.
 #include <cpuid.h>
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <new>
 
@@ -78,15 +78,16 @@ bool cpu_has_amx_int8() {
   return bytes_per_row >= kTileRowBytes && max_names >= 8 && max_rows >= kTileRows;
 }
 
-// The per-thread buffer holding one tile-ordered A panel.
-uint8_t* panel_buffer(size_t bytes) {
+// The per-thread work buffer (packed A, int32 scratch, aligned copies of the weight), 64-byte
+// aligned; grows as needed and is kept for the thread's next call.
+uint8_t* work_buffer(size_t bytes) {
   struct Buffer {
     std::unique_ptr<uint8_t, decltype(&std::free)> data{nullptr, &std::free};
     size_t size = 0;
   };
   thread_local Buffer buffer;
   if (buffer.size < bytes) {
-    void* p = std::aligned_alloc(64, bytes);  // bytes is a multiple of 2048
+    void* p = std::aligned_alloc(64, bytes);  // bytes is a multiple of 64
     if (p == nullptr) throw std::bad_alloc();
     buffer.data.reset(static_cast<uint8_t*>(p));
     buffer.size = bytes;
@@ -179,27 +180,6 @@ FloatEpilogue shift_columns(const FloatEpilogue& ep, int64_t n0) {
   return out;
 }
 
-// Issues prefetches (to L2) for the lines of A's rows [row, end), a few rows at a time, so that a
-// chunk is in cache by the time it is packed.
-class RowPrefetcher {
- public:
-  RowPrefetcher(const uint8_t* a, int64_t lda, int64_t K, int64_t M, int64_t first_row)
-      : a_(a), lda_(lda), K_(K), M_(M), row_(first_row) {}
-  void advance_to(int64_t end) {
-    end = std::min(end, M_);
-    if (K_ == 0) return;
-    for (; row_ < end; ++row_) {
-      const char* p = reinterpret_cast<const char*>(a_ + row_ * lda_);
-      for (int64_t off = 0; off < K_; off += kTileRowBytes) _mm_prefetch(p + off, _MM_HINT_T1);
-      _mm_prefetch(p + K_ - 1, _MM_HINT_T1);  // the last line when the row is not 64-aligned
-    }
-  }
-
- private:
-  const uint8_t* a_;
-  int64_t lda_, K_, M_, row_;
-};
-
 // Packed A per chunk (bytes): a chunk of 32-row panels fills about this much of L2.
 constexpr int64_t kChunkBytes = int64_t{256} << 10;
 constexpr int64_t kMaxChunkPanels = 8;
@@ -209,35 +189,34 @@ void qgemm_amx_impl(int64_t M, int64_t N, int64_t K, const uint8_t* a, int64_t l
                     const int8_t* packed_w, const Epilogue& ep, Out* c, int64_t ldc) {
   if (M <= 0 || N <= 0) return;
   const int64_t kblocks = packed_k(K) / kPackK;
-  const size_t b_block_bytes = packed_block_offset(kPackN, K);
+  const int64_t b_block_bytes = static_cast<int64_t>(packed_block_offset(kPackN, K));
   const int64_t panel_bytes = std::max<int64_t>(kblocks, 1) * 2 * kTileBytes;
   const int64_t chunk_panels =
       std::min(std::clamp(kChunkBytes / panel_bytes, int64_t{1}, kMaxChunkPanels),
                (M + kBlockM - 1) / kBlockM);
   const int64_t chunk_rows = chunk_panels * kBlockM;
   const int64_t stripes = (N + kBlockN - 1) / kBlockN;
-  const int64_t blocks_per_chunk = stripes * chunk_panels;
+  // Tile loads of rows that straddle cache lines are much slower: a weight that is not 64-byte
+  // aligned (the tensors' storage always is) is copied a stripe at a time into aligned buffers.
+  const bool copy_b = reinterpret_cast<uintptr_t>(packed_w) % 64 != 0;
 
-  // Two packed chunks and two scratch stripes (chunk_rows x 32 int32), alternating.
-  const size_t chunk_bytes = static_cast<size_t>(chunk_panels * panel_bytes);
-  const size_t scratch_bytes = static_cast<size_t>(chunk_rows * kBlockN) * sizeof(int32_t);
-  uint8_t* const buffer = panel_buffer(2 * (chunk_bytes + scratch_bytes));
+  // Work buffer: two packed chunks, the int32 scratch of one stripe (chunk_rows x 32), two aligned
+  // weight stripes.
+  const int64_t chunk_bytes = chunk_panels * panel_bytes;
+  const int64_t scratch_bytes = chunk_rows * kBlockN * static_cast<int64_t>(sizeof(int32_t));
+  const int64_t stripe_bytes = copy_b ? 2 * b_block_bytes : 0;
+  uint8_t* const buffer = work_buffer(static_cast<size_t>(
+      std::max<int64_t>(2 * chunk_bytes + scratch_bytes + 2 * stripe_bytes, kTileBytes)));
   uint8_t* const apack[2] = {buffer, buffer + chunk_bytes};
-  int32_t* const scratch[2] = {
-      reinterpret_cast<int32_t*>(buffer + 2 * chunk_bytes),
-      reinterpret_cast<int32_t*>(buffer + 2 * chunk_bytes + scratch_bytes)};
+  int32_t* const scratch = reinterpret_cast<int32_t*>(buffer + 2 * chunk_bytes);
+  int8_t* const bcopy[2] = {
+      reinterpret_cast<int8_t*>(buffer + 2 * chunk_bytes + scratch_bytes),
+      reinterpret_cast<int8_t*>(buffer + 2 * chunk_bytes + scratch_bytes + stripe_bytes)};
 
-  // The stripe whose sums wait in scratch for the epilogue, in two 16-column halves.
-  struct Pending {
-    int64_t m0 = 0, n0 = 0, rows = 0, cols = 0;
-    const int32_t* acc = nullptr;
-  } pending;
-  auto epilogue_half = [&](int half) {
-    const int64_t c0 = half * kPackN;
-    if (pending.acc == nullptr || c0 >= pending.cols) return;
-    epilogue_block_avx512(pending.acc + c0, kBlockN, pending.rows,
-                          std::min(kPackN, pending.cols - c0), shift_columns(ep, pending.n0 + c0),
-                          c + pending.m0 * ldc + pending.n0 + c0, ldc);
+  auto weight_stripe = [&](int64_t n0) { return packed_w + packed_block_offset(n0, K); };
+  auto copy_stripe = [&](int64_t n0, int8_t* dst) {
+    const int64_t blocks = std::min(kBlockN, N - n0) > kPackN ? 2 : 1;
+    std::memcpy(dst, weight_stripe(n0), static_cast<size_t>(blocks * b_block_bytes));
   };
   auto pack_panel = [&](int64_t m0, int64_t rows, int64_t panel, uint8_t* dst) {
     const int64_t r0 = panel * kBlockM;
@@ -245,26 +224,37 @@ void qgemm_amx_impl(int64_t M, int64_t N, int64_t K, const uint8_t* a, int64_t l
                  dst + panel * panel_bytes);
   };
 
-  RowPrefetcher prefetcher(a, lda, K, M, chunk_rows);
+  // The stripe whose sums wait in the scratch for the epilogue (rows x cols at (m0, n0)).
+  struct Pending {
+    int64_t m0 = 0, n0 = 0, rows = 0, cols = 0;
+  } pending;
+  auto finish_pending = [&] {
+    for (int64_t c0 = 0; c0 < pending.cols; c0 += kPackN) {
+      epilogue_block_avx512(scratch + c0, kBlockN, pending.rows,
+                            std::min(kPackN, pending.cols - c0), shift_columns(ep, pending.n0 + c0),
+                            c + pending.m0 * ldc + pending.n0 + c0, ldc);
+    }
+    pending.rows = 0;
+  };
+
   configure_tiles();
   const int64_t rows0 = std::min(chunk_rows, M);
   for (int64_t i = 0; i * kBlockM < rows0; ++i) pack_panel(0, rows0, i, apack[0]);
+  if (copy_b) copy_stripe(0, bcopy[0]);
 
-  int64_t step = 0;  // stripes done
+  int64_t step = 0;  // stripes started
   for (int64_t m0 = 0, chunk = 0; m0 < M; m0 += chunk_rows, ++chunk) {
     const int64_t rows = std::min(chunk_rows, M - m0);
     const int64_t panels = (rows + kBlockM - 1) / kBlockM;
     const int64_t next_rows = std::max<int64_t>(std::min(chunk_rows, M - m0 - chunk_rows), 0);
     const int64_t next_panels = (next_rows + kBlockM - 1) / kBlockM;
     const uint8_t* chunk_a = apack[chunk & 1];
-    int64_t block = 0;  // blocks of this chunk issued
     for (int64_t n0 = 0; n0 < N; n0 += kBlockN, ++step) {
       const int64_t cols = std::min(kBlockN, N - n0);
       const bool two_cols = cols > kPackN;
-      const int8_t* b0 = packed_w + packed_block_offset(n0, K);
+      const int8_t* b0 = copy_b ? bcopy[step & 1] : weight_stripe(n0);
       const bool last_stripe = n0 + kBlockN >= N;
-      int32_t* acc = scratch[step & 1];
-      for (int64_t i = 0; i < panels; ++i, ++block) {
+      for (int64_t i = 0; i < panels; ++i) {
         const uint8_t* panel_a = chunk_a + i * panel_bytes;
         const bool two_rows = rows - i * kBlockM > kTileRows;
         if (two_rows && two_cols) {
@@ -276,36 +266,36 @@ void qgemm_amx_impl(int64_t M, int64_t N, int64_t K, const uint8_t* a, int64_t l
         } else {
           compute_block<false, false>(panel_a, b0, b_block_bytes, kblocks);
         }
-        // Core work while the tile unit computes this block.
-        if (i == 0) epilogue_half(0);
-        if (i == panels / 2) epilogue_half(1);
+        // Core work while the tile unit computes this block: the previous stripe's epilogue
+        // (before this stripe's first tile store overwrites the scratch), the next weight stripe's
+        // copy, the next chunk's packing.
+        if (i == 0) {
+          if (pending.rows > 0) finish_pending();
+          if (copy_b && (!last_stripe || m0 + chunk_rows < M)) {
+            copy_stripe(last_stripe ? 0 : n0 + kBlockN, bcopy[(step + 1) & 1]);
+          }
+        }
         if (last_stripe) {
           for (int64_t j = i * next_panels / panels; j < (i + 1) * next_panels / panels; ++j) {
             pack_panel(m0 + chunk_rows, next_rows, j, apack[(chunk + 1) & 1]);
           }
         }
-        // Prefetch so that the chunk after the next one is in L2 when this chunk ends (the first
-        // chunk prefetches two).
-        const int64_t ahead = chunk == 0 ? 2 * chunk_rows * (block + 1) / blocks_per_chunk
-                                         : chunk_rows * (block + 1) / blocks_per_chunk;
-        prefetcher.advance_to(m0 + (chunk == 0 ? 1 : 2) * chunk_rows + ahead);
-        int32_t* acc_panel = acc + i * kBlockM * kBlockN;
+        int32_t* acc = scratch + i * kBlockM * kBlockN;
         if (two_rows && two_cols) {
-          store_block<true, true>(acc_panel);
+          store_block<true, true>(acc);
         } else if (two_rows) {
-          store_block<true, false>(acc_panel);
+          store_block<true, false>(acc);
         } else if (two_cols) {
-          store_block<false, true>(acc_panel);
+          store_block<false, true>(acc);
         } else {
-          store_block<false, false>(acc_panel);
+          store_block<false, false>(acc);
         }
       }
-      pending = {m0, n0, rows, cols, acc};
+      pending = {m0, n0, rows, cols};
     }
   }
   _tile_release();
-  epilogue_half(0);
-  epilogue_half(1);
+  finish_pending();
 }
 
 }  // namespace

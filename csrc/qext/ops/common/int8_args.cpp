@@ -146,6 +146,21 @@ Conv2dShape conv2d_shape(const at::Tensor& input, at::IntArrayRef weight_shape,
   return s;
 }
 
+namespace {
+
+// The values of a small float32 tensor (weight scales, bias) as doubles, without a temporary
+// tensor when they already are dense on the CPU.
+std::vector<double> host_values(const at::Tensor& t) {
+  if (t.device().is_cpu() && t.is_contiguous()) {
+    const float* p = t.const_data_ptr<float>();
+    return std::vector<double>(p, p + t.numel());
+  }
+  const auto d = t.detach().to(at::kCPU, at::kDouble).contiguous();
+  return std::vector<double>(d.const_data_ptr<double>(), d.const_data_ptr<double>() + d.numel());
+}
+
+}  // namespace
+
 Int8LayerParams resolve_int8_layer(const at::Tensor& input, const at::Tensor& packed_weight,
                                    int64_t packed_bytes, const at::Tensor& row_sums,
                                    int64_t out_channels, const at::Tensor& weight_scale,
@@ -174,11 +189,10 @@ Int8LayerParams resolve_int8_layer(const at::Tensor& input, const at::Tensor& pa
                   (weight_scale.numel() == 1 || weight_scale.numel() == n),
               op, ": weight_scale must be float32 with 1 or ", n, " (output channels) entries, got ",
               weight_scale.scalar_type(), " of shape ", weight_scale.sizes());
-  const auto ws = weight_scale.detach().to(at::kCPU, at::kDouble).contiguous().reshape(-1);
-  const double* ws_p = ws.data_ptr<double>();
+  const auto ws = host_values(weight_scale);
   std::vector<double> acc_scale(n);
   for (int64_t c = 0; c < n; ++c) {
-    const double s = ws_p[ws.numel() == 1 ? 0 : c];
+    const double s = ws[ws.size() == 1 ? 0 : c];
     TORCH_CHECK(std::isfinite(s) && s > 0, op, ": weight_scale[", c, "] = ", s,
                 "; scales must be finite and > 0");
     acc_scale[c] = p.input.scale * s;
@@ -189,8 +203,7 @@ Int8LayerParams resolve_int8_layer(const at::Tensor& input, const at::Tensor& pa
     TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->dim() == 1 && bias->numel() == n, op,
                 ": bias must be float32 of shape [", n, "], got ", bias->scalar_type(), " of shape ",
                 bias->sizes());
-    const auto b = bias->detach().to(at::kCPU, at::kDouble).contiguous();
-    const double* b_p = b.data_ptr<double>();
+    const auto b_p = host_values(*bias);
     p.bias.resize(n);
     p.bias_fraction.resize(n);
     for (int64_t c = 0; c < n; ++c) {

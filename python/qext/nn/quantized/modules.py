@@ -68,6 +68,20 @@ class _QuantizedBase(nn.Module):
             self.register_buffer("zero_point", zero_point.detach().to(torch.int32).reshape(1).clone())
             self.out_quant_min, self.out_quant_max = int(quant_min), int(quant_max)
         self.qext_name = ""
+        self._refresh_output_args()
+
+    def _refresh_output_args(self) -> None:
+        # Python numbers for the integer ops, read once (and again when a state dict is loaded) rather
+        # than from the buffers on every call.
+        self._output_args_value = (
+            (None, 0, 0, 0)
+            if self.scale is None
+            else (float(self.scale[0]), int(self.zero_point[0]), self.out_quant_min, self.out_quant_max)
+        )
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._refresh_output_args()
 
     @property
     def output_quantized(self) -> bool:
@@ -78,9 +92,7 @@ class _QuantizedBase(nn.Module):
 
     def _output_args(self):
         """(scale, zero point, min, max) of the output for the integer ops; scale None: float output."""
-        if self.scale is None:
-            return None, 0, 0, 0
-        return float(self.scale[0]), int(self.zero_point[0]), self.out_quant_min, self.out_quant_max
+        return self._output_args_value
 
     def _finish(self, y: torch.Tensor) -> torch.Tensor:
         if self.scale is None:
