@@ -362,8 +362,9 @@ TEST(Requantize, MatchesInt128Model) {
                                  i < 9 * 64 ? (i / 9) - 33 : expo(rng),
                                  i % 5 == 0   ? 0
                                  : i % 5 == 1 ? (1 << 30)
-                                 : i % 5 == 2 ? -(1 << 30)
-                                              : static_cast<int32_t>(rng() % (1u << 31)) - (1 << 30)};
+                                 : i % 5 == 2
+                                     ? -(1 << 30)
+                                     : static_cast<int32_t>(rng() % (1u << 31)) - (1 << 30)};
     if (!is_valid_multiplier(m)) continue;
     const int32_t zp = static_cast<int32_t>(rng() % 512) - 256;
     ASSERT_EQ(requantize(acc, m, zp, kI32Min, kI32Max),

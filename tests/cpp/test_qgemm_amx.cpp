@@ -26,13 +26,19 @@ enum class Fill {
 struct Problem {
   int64_t M = 0, N = 0, K = 0, lda = 0, ldc = 0;
   std::vector<uint8_t> a;  // (M - 1) * lda + K bytes: nothing after the last row
-  std::vector<int8_t> packed;
+  std::vector<int8_t> packed_storage;
+  int8_t* packed = nullptr;  // into packed_storage: 64-byte aligned, or 16 bytes past that
   std::vector<int32_t> row_sums, bias;
   std::vector<FixedPointMultiplier> multiplier;
   std::vector<float> scale;
+
+  Problem() = default;
+  Problem(Problem&&) = default;  // moving the storage keeps `packed` valid; copying would not
+  Problem& operator=(Problem&&) = default;
 };
 
-Problem make_problem(int64_t M, int64_t N, int64_t K, Fill fill, std::mt19937& rng) {
+Problem make_problem(int64_t M, int64_t N, int64_t K, Fill fill, std::mt19937& rng,
+                     bool aligned_weight = true) {
   Problem p;
   p.M = M, p.N = N, p.K = K;
   p.lda = K + static_cast<int64_t>(rng() % 3) * 7;
@@ -49,9 +55,11 @@ Problem make_problem(int64_t M, int64_t N, int64_t K, Fill fill, std::mt19937& r
         : fill == Fill::kExtreme ? static_cast<int8_t>(rng() % 2 ? 127 : -128)
                                  : static_cast<int8_t>(-128);
   }
-  p.packed.resize(packed_weight_bytes(N, K));
+  p.packed_storage.resize(packed_weight_bytes(N, K) + 128);
+  const uintptr_t address = reinterpret_cast<uintptr_t>(p.packed_storage.data());
+  p.packed = p.packed_storage.data() + ((64 - address % 64) % 64) + (aligned_weight ? 0 : 16);
   p.row_sums.resize(static_cast<size_t>(N));
-  pack_weight(w.data(), N, K, K, p.packed.data(), p.row_sums.data());
+  pack_weight(w.data(), N, K, K, p.packed, p.row_sums.data());
 
   std::uniform_int_distribution<int32_t> bias_dist(-50000, 50000);
   std::uniform_real_distribution<double> log2_dist(-4.0, 2.0);
@@ -65,6 +73,8 @@ Problem make_problem(int64_t M, int64_t N, int64_t K, Fill fill, std::mt19937& r
     if (n % 11 == 5 && K < 64) m = 1.0 + 7.0 * (rng() % 1000) / 1000.0;
     FixedPointMultiplier fm{};
     EXPECT_TRUE(quantize_multiplier(m, &fm)) << m;
+    // The sub-accumulator part of a bias, on every other column (|offset| <= 2^30).
+    if (n % 2 == 1) fm.offset = static_cast<int32_t>(rng() % (1u << 31)) - (1 << 30);
     p.multiplier.push_back(fm);
     p.scale.push_back(static_cast<float>(m * 3.1));
   }
@@ -104,7 +114,7 @@ Outputs run(Isa isa, const Problem& p, const Options& o, int64_t n0 = 0) {
   fe.scale = p.scale.data() + n0;
   fe.relu = o.relu;
 
-  const int8_t* w = p.packed.data() + packed_block_offset(n0, p.K);
+  const int8_t* w = p.packed + packed_block_offset(n0, p.K);
   Outputs out;
   out.q.assign(static_cast<size_t>(p.M * p.ldc), 0xA5);
   out.f.assign(static_cast<size_t>(p.M * p.ldc), -7.25f);
@@ -147,10 +157,10 @@ class QgemmAmx : public ::testing::Test {
 TEST_F(QgemmAmx, MatchesScalarOnTails) {
   std::mt19937 rng(20240611);
   int index = 0;
-  for (int64_t M : {1, 15, 16, 17, 33, 100}) {
-    for (int64_t K : {1, 63, 64, 65, 200, 1024}) {
+  for (int64_t M : {1, 15, 16, 17, 31, 33, 57, 100}) {
+    for (int64_t K : {0, 1, 63, 64, 65, 200, 1024}) {
       for (int64_t N : {1, 15, 16, 17, 40}) {
-        const Problem p = make_problem(M, N, K, Fill::kRandom, rng);
+        const Problem p = make_problem(M, N, K, Fill::kRandom, rng, index % 2 == 0);
         Options o;
         o.a_zero_point = static_cast<int32_t>(rng() % 256);
         o.bias = index % 3 != 0;
@@ -193,17 +203,23 @@ TEST_F(QgemmAmx, MatchesScalarAtMaxExactK) {
   expect_identical(p, Options{}, "max exact K");
 }
 
-// Several 32-row panels and 32-column blocks, and the column blocks from n0 = 16 / 32 on (the
-// packed weight and the epilogue arrays offset, as the callers split N).
+// Several chunks of 32-row panels and 32-column stripes, an aligned and a misaligned packed weight
+// (copied stripe by stripe), and the column blocks from n0 = 16 / 32 / 96 on (the packed weight and
+// the epilogue arrays offset, as the callers split N).
 TEST_F(QgemmAmx, MatchesScalarOnLargerShapesAndColumnOffsets) {
   std::mt19937 rng(3);
-  const Problem p = make_problem(257, 100, 300, Fill::kRandom, rng);
   Options o;
   o.a_zero_point = 77;
   o.out_zero_point = 9;
-  for (int64_t n0 : {0, 16, 32, 96}) expect_identical(p, o, "large", n0);
-  const Problem q = make_problem(64, 1024, 1024, Fill::kRandom, rng);
-  expect_identical(q, o, "64x1024x1024");
+  for (bool aligned : {true, false}) {
+    const std::string what = aligned ? "aligned weight" : "misaligned weight";
+    const Problem p = make_problem(600, 100, 300, Fill::kRandom, rng, aligned);
+    for (int64_t n0 : {0, 16, 32, 96}) expect_identical(p, o, what, n0);
+    const Problem q = make_problem(129, 64, 576, Fill::kRandom, rng, aligned);
+    expect_identical(q, o, what);
+  }
+  const Problem r = make_problem(64, 1024, 1024, Fill::kRandom, rng);
+  expect_identical(r, o, "64x1024x1024");
 }
 
 // The tile configuration is per thread: several threads running AMX GEMMs at once.

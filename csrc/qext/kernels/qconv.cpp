@@ -22,21 +22,6 @@ inline void copy_flip(uint8_t* dst, const uint8_t* src, int64_t n, uint8_t flip)
   }
 }
 
-// ceil(a / b) for a >= 0, b > 0.
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// The taps k in [0, kernel) whose input coordinate start + k * dilation lies in [0, size) form one
-// range [*lo, *hi) (empty: *lo == *hi).
-inline void valid_taps(int64_t start, int64_t dilation, int64_t kernel, int64_t size, int64_t* lo,
-                       int64_t* hi) {
-  int64_t l = start >= 0 ? 0 : ceil_div(-start, dilation);
-  int64_t h = start >= size ? 0 : ceil_div(size - start, dilation);
-  l = std::min(l, kernel);
-  h = std::max(std::min(h, kernel), l);
-  *lo = l;
-  *hi = h;
-}
-
 }  // namespace
 
 void im2col_u8(const uint8_t* x, const int64_t s[4], const Conv2dGeometry& g, int64_t group,
@@ -60,7 +45,7 @@ void im2col_u8(const uint8_t* x, const int64_t s[4], const Conv2dGeometry& g, in
     const int64_t ih0 = oh * g.stride_h - g.pad_h;
     const int64_t iw0 = ow * g.stride_w - g.pad_w;
     int64_t kw_lo, kw_hi;
-    valid_taps(iw0, g.dilation_w, g.kernel_w, g.in_w, &kw_lo, &kw_hi);
+    detail::valid_taps(iw0, g.dilation_w, g.kernel_w, g.in_w, &kw_lo, &kw_hi);
     for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
       uint8_t* ok = o + kh * tap_row;
       const int64_t ih = ih0 + kh * g.dilation_h;

@@ -17,22 +17,8 @@ namespace qext::kernels::detail {
 
 namespace {
 
-// ceil(a / b) for a >= 0, b > 0.
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// The taps k in [0, kernel) with start + k * dilation in [0, size), as in qconv.cpp.
-inline void valid_taps(int64_t start, int64_t dilation, int64_t kernel, int64_t size, int64_t* lo,
-                       int64_t* hi) {
-  int64_t l = start >= 0 ? 0 : ceil_div(-start, dilation);
-  int64_t h = start >= size ? 0 : ceil_div(size - start, dilation);
-  l = std::min(l, kernel);
-  h = std::max(std::min(h, kernel), l);
-  *lo = l;
-  *hi = h;
-}
-
-// Per-channel bias and requantize() constants (requantize_avx2.h) for the 8 channels from c, for the
-// starts the depthwise kernel uses: multiples of 8, and channels - 16 / channels - 8 (the last,
+// Per-channel bias and requantize() constants (requantize_avx2.h) for the 8 channels from c, for
+// the starts the depthwise kernel uses: multiples of 8, and channels - 16 / channels - 8 (the last,
 // overlapping block). Channels past the end (narrow layers) get neutral values.
 struct ChannelRequant {
   std::vector<int32_t> bias;

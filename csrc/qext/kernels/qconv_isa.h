@@ -3,12 +3,26 @@
 // only when isa_supported(Isa::kAvx2) says so.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #include "qext/kernels/qconv.h"
 #include "qext/kernels/qelementwise.h"
 
 namespace qext::kernels::detail {
+
+// The taps k in [0, kernel) whose input coordinate start + k * dilation lies in [0, size) form one
+// range [*lo, *hi) (empty: *lo == *hi).
+inline void valid_taps(int64_t start, int64_t dilation, int64_t kernel, int64_t size, int64_t* lo,
+                       int64_t* hi) {
+  auto ceil_div = [](int64_t a, int64_t b) { return (a + b - 1) / b; };  // a >= 0, b > 0
+  int64_t l = start >= 0 ? 0 : ceil_div(-start, dilation);
+  int64_t h = start >= size ? 0 : ceil_div(size - start, dilation);
+  l = std::min(l, kernel);
+  h = std::max(std::min(h, kernel), l);
+  *lo = l;
+  *hi = h;
+}
 
 // The scalar references (qconv.cpp, qelementwise.cpp).
 void depthwise_conv2d_scalar(const uint8_t* x, const Conv2dGeometry& g, const int8_t* w_hwc,

@@ -45,7 +45,8 @@ void pack_weight(const int8_t* w, int64_t N, int64_t K, int64_t ldw, int8_t* pac
 // One rounding (half up) of the exact product: gemmlowp / TFLite round twice (a doubling high
 // multiply, then a rounding shift), which misrounds up to 2^-(r+1) of a step around every .5, e.g.
 // 1/64 of a step for m ~ 0.02 -- some 3% of the outputs of a typical layer one step away from the
-// fake-quant model's single rounding. Here only outputs within ~2^-31 (relative) of a tie can differ.
+// fake-quant model's single rounding. Here only outputs within ~2^-31 (relative) of a tie can
+// differ.
 // ---------------------------------------------------------------------------------------------
 struct FixedPointMultiplier {
   int32_t multiplier;

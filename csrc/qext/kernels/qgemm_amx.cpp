@@ -4,8 +4,9 @@
 // Eight 16 x 64-byte tile registers: tmm0..3 hold a 2 x 2 grid of int32 C tiles (a 32 x 32 block),
 // tmm4/5 two A tiles (16 rows x 64 k each), tmm6/7 two B tiles. One B tile is 16 groups of the
 // packed weight (16 columns x 64 k, stride 64 bytes), so B is read straight from packed_w. A is
-// copied into tile order (zero-padded in k to packed_k(K) and in rows to a multiple of 32), so the
-// tile loads are contiguous and nothing past A's rows is read.
+// copied into tile order (zero-padded in k to packed_k(K) and in rows to a multiple of 32: nothing
+// past A's rows is read), except for small N with K a multiple of 64, where full 32-row panels are
+// read in place.
 //
 // Loop order: A is taken a chunk of up to 256 rows at a time (its packed panels stay in L2); for
 // each 32-column stripe of the weight (which stays in L1) the chunk's 32-row panels go through the
@@ -124,22 +125,54 @@ void pack_a_panel(const uint8_t* a, int64_t lda, int64_t rows, int64_t K, int64_
   }
 }
 
+// Where the tile loads find a 32-row panel of A: tile t (rows 16 t .. 16 t + 15) of k block kb at
+// base + kb * kstep + t * tile1, rows `stride` bytes apart. Packed panels: stride 64, kstep 2048,
+// tile1 1024. Rows of A read in place: stride lda, kstep 64, tile1 16 lda.
+struct PanelA {
+  const uint8_t* base;
+  int64_t stride, kstep, tile1;
+};
+
+// Software prefetch of A's rows [row, end) into L1, `per_step` lines per call of step().
+class RowPrefetcher {
+ public:
+  RowPrefetcher(const uint8_t* a, int64_t lda, int64_t K) : a_(a), lda_(lda), K_(K) {}
+  void start(int64_t row, int64_t end, int64_t steps) {
+    row_ = row, end_ = end, offset_ = 0;
+    const int64_t lines = std::max<int64_t>(end - row, 0) * ((K_ + 63) / 64);
+    per_step_ = steps > 0 ? (lines + steps - 1) / steps : 0;
+  }
+  void step() {
+    for (int64_t n = 0; n < per_step_ && row_ < end_; ++n) {
+      _mm_prefetch(reinterpret_cast<const char*>(a_ + row_ * lda_ + offset_), _MM_HINT_T0);
+      offset_ += kTileRowBytes;
+      if (offset_ >= K_) offset_ = 0, ++row_;
+    }
+  }
+  void stop() { per_step_ = 0; }
+
+ private:
+  const uint8_t* a_;
+  int64_t lda_, K_, row_ = 0, end_ = 0, offset_ = 0, per_step_ = 0;
+};
+
 // Tiles 0..3 = A panel x two 16-column blocks of the packed weight (b0 and b0 + b_block_bytes), raw
 // int32 sums: tile 0 rows 0..15 x columns 0..15, tile 1 columns 16..31, tiles 2 / 3 rows 16..31.
 // kTwoRows / kTwoCols: whether the second A tile / B tile holds anything (else tiles 2, 3 / 1, 3
-// are left alone). Only issues the tile instructions: the tile unit works through them while the
-// core goes on with the epilogue of the previous block.
+// are left alone). Only issues the tile instructions (and the prefetches): the tile unit works
+// through them while the core goes on with other work.
 template <bool kTwoRows, bool kTwoCols>
-inline void compute_block(const uint8_t* apanel, const int8_t* b0, size_t b_block_bytes,
-                          int64_t kblocks) {
+inline void compute_block(const PanelA& pa, const int8_t* b0, int64_t b_block_bytes,
+                          int64_t kblocks, RowPrefetcher& prefetcher) {
   const int8_t* b1 = b0 + b_block_bytes;
   _tile_zero(0);
   if (kTwoCols) _tile_zero(1);
   if (kTwoRows) _tile_zero(2);
   if (kTwoRows && kTwoCols) _tile_zero(3);
   for (int64_t kb = 0; kb < kblocks; ++kb) {
-    const uint8_t* ak = apanel + kb * 2 * kTileBytes;
-    _tile_loadd(4, ak, kTileRowBytes);
+    const uint8_t* ak = pa.base + kb * pa.kstep;
+    prefetcher.step();
+    _tile_loadd(4, ak, pa.stride);
     _tile_loadd(6, b0 + kb * kTileBytes, kTileRowBytes);
     _tile_dpbusd(0, 4, 6);
     if (kTwoCols) {
@@ -147,7 +180,7 @@ inline void compute_block(const uint8_t* apanel, const int8_t* b0, size_t b_bloc
       _tile_dpbusd(1, 4, 7);
     }
     if (kTwoRows) {
-      _tile_loadd(5, ak + kTileBytes, kTileRowBytes);
+      _tile_loadd(5, ak + pa.tile1, pa.stride);
       _tile_dpbusd(2, 5, 6);
       if (kTwoCols) _tile_dpbusd(3, 5, 7);
     }
@@ -164,7 +197,9 @@ inline void store_block(int32_t* acc) {
   if (kTwoRows && kTwoCols) _tile_stored(3, acc + kTileRows * kBlockN + kPackN, kLdAccBytes);
 }
 
-// The epilogue for columns [n0, ...).
+// The epilogue for columns [n0, ...): every per-column array offset by n0.
+static_assert(sizeof(RequantEpilogue) == 48 && sizeof(FloatEpilogue) == 40,
+              "the epilogue structs changed: shift_columns must offset any new per-column array");
 RequantEpilogue shift_columns(const RequantEpilogue& ep, int64_t n0) {
   RequantEpilogue out = ep;
   out.row_sums += n0;
@@ -181,8 +216,12 @@ FloatEpilogue shift_columns(const FloatEpilogue& ep, int64_t n0) {
 }
 
 // Packed A per chunk (bytes): a chunk of 32-row panels fills about this much of L2.
-constexpr int64_t kChunkBytes = int64_t{256} << 10;
+constexpr int64_t kChunkBytes = int64_t{512} << 10;
 constexpr int64_t kMaxChunkPanels = 8;
+// With at most this many 32-column stripes (N <= 128) and K a multiple of 64, the full 32-row
+// panels of A are read in place (strided tile loads, prefetched one panel ahead): copying A would
+// cost more than the few passes over it. Otherwise A is packed.
+constexpr int64_t kMaxStripesInPlace = 4;
 
 template <typename Epilogue, typename Out>
 void qgemm_amx_impl(int64_t M, int64_t N, int64_t K, const uint8_t* a, int64_t lda,
@@ -196,9 +235,11 @@ void qgemm_amx_impl(int64_t M, int64_t N, int64_t K, const uint8_t* a, int64_t l
                (M + kBlockM - 1) / kBlockM);
   const int64_t chunk_rows = chunk_panels * kBlockM;
   const int64_t stripes = (N + kBlockN - 1) / kBlockN;
+  const bool in_place = K > 0 && K % kPackK == 0 && stripes <= kMaxStripesInPlace;
   // Tile loads of rows that straddle cache lines are much slower: a weight that is not 64-byte
-  // aligned (the tensors' storage always is) is copied a stripe at a time into aligned buffers.
-  const bool copy_b = reinterpret_cast<uintptr_t>(packed_w) % 64 != 0;
+  // aligned (the tensors' storage always is) is copied a stripe at a time into aligned buffers,
+  // when the chunk has enough panels to repay the copy.
+  const bool copy_b = reinterpret_cast<uintptr_t>(packed_w) % 64 != 0 && chunk_panels >= 4;
 
   // Work buffer: two packed chunks, the int32 scratch of one stripe (chunk_rows x 32), two aligned
   // weight stripes.
@@ -218,10 +259,20 @@ void qgemm_amx_impl(int64_t M, int64_t N, int64_t K, const uint8_t* a, int64_t l
     const int64_t blocks = std::min(kBlockN, N - n0) > kPackN ? 2 : 1;
     std::memcpy(dst, weight_stripe(n0), static_cast<size_t>(blocks * b_block_bytes));
   };
-  auto pack_panel = [&](int64_t m0, int64_t rows, int64_t panel, uint8_t* dst) {
-    const int64_t r0 = panel * kBlockM;
-    pack_a_panel(a + (m0 + r0) * lda, lda, std::min(kBlockM, rows - r0), K, kblocks,
-                 dst + panel * panel_bytes);
+  // Packs panel j of the chunk at row m0 (rows rows) into dst, unless it is read in place (or
+  // K = 0: nothing to pack, and A may be null).
+  auto pack_panel = [&](int64_t m0, int64_t rows, int64_t j, uint8_t* dst) {
+    const int64_t r0 = j * kBlockM;
+    const int64_t panel_rows = std::min(kBlockM, rows - r0);
+    if (kblocks == 0 || (in_place && panel_rows == kBlockM)) return;
+    pack_a_panel(a + (m0 + r0) * lda, lda, panel_rows, K, kblocks, dst + j * panel_bytes);
+  };
+  auto panel_a = [&](int64_t m0, int64_t rows, int64_t i, const uint8_t* chunk_a) -> PanelA {
+    const int64_t r0 = i * kBlockM;
+    if (in_place && rows - r0 >= kBlockM) {
+      return {a + (m0 + r0) * lda, lda, kTileRowBytes, kTileRows * lda};
+    }
+    return {chunk_a + i * panel_bytes, kTileRowBytes, 2 * kTileBytes, kTileBytes};
   };
 
   // The stripe whose sums wait in the scratch for the epilogue (rows x cols at (m0, n0)).
@@ -237,9 +288,10 @@ void qgemm_amx_impl(int64_t M, int64_t N, int64_t K, const uint8_t* a, int64_t l
     pending.rows = 0;
   };
 
+  RowPrefetcher prefetcher(a, lda, K);
   configure_tiles();
   const int64_t rows0 = std::min(chunk_rows, M);
-  for (int64_t i = 0; i * kBlockM < rows0; ++i) pack_panel(0, rows0, i, apack[0]);
+  for (int64_t j = 0; j * kBlockM < rows0; ++j) pack_panel(0, rows0, j, apack[0]);
   if (copy_b) copy_stripe(0, bcopy[0]);
 
   int64_t step = 0;  // stripes started
@@ -255,17 +307,23 @@ void qgemm_amx_impl(int64_t M, int64_t N, int64_t K, const uint8_t* a, int64_t l
       const int8_t* b0 = copy_b ? bcopy[step & 1] : weight_stripe(n0);
       const bool last_stripe = n0 + kBlockN >= N;
       for (int64_t i = 0; i < panels; ++i) {
-        const uint8_t* panel_a = chunk_a + i * panel_bytes;
+        const PanelA pa = panel_a(m0, rows, i, chunk_a);
         const bool two_rows = rows - i * kBlockM > kTileRows;
-        if (two_rows && two_cols) {
-          compute_block<true, true>(panel_a, b0, b_block_bytes, kblocks);
-        } else if (two_rows) {
-          compute_block<true, false>(panel_a, b0, b_block_bytes, kblocks);
-        } else if (two_cols) {
-          compute_block<false, true>(panel_a, b0, b_block_bytes, kblocks);
-        } else {
-          compute_block<false, false>(panel_a, b0, b_block_bytes, kblocks);
+        // A read in place: the first pass over a panel brings the next one into L1.
+        if (in_place && n0 == 0) {
+          const int64_t next = m0 + (i + 1) * kBlockM;
+          prefetcher.start(next, std::min(next + kBlockM, M), kblocks);
         }
+        if (two_rows && two_cols) {
+          compute_block<true, true>(pa, b0, b_block_bytes, kblocks, prefetcher);
+        } else if (two_rows) {
+          compute_block<true, false>(pa, b0, b_block_bytes, kblocks, prefetcher);
+        } else if (two_cols) {
+          compute_block<false, true>(pa, b0, b_block_bytes, kblocks, prefetcher);
+        } else {
+          compute_block<false, false>(pa, b0, b_block_bytes, kblocks, prefetcher);
+        }
+        prefetcher.stop();
         // Core work while the tile unit computes this block: the previous stripe's epilogue
         // (before this stripe's first tile store overwrites the scratch), the next weight stripe's
         // copy, the next chunk's packing.

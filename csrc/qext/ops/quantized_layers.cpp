@@ -17,16 +17,14 @@ auto typed_op(const char* name) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> pack_quantized_weight(const at::Tensor& weight,
-                                                         int64_t groups) {
+std::tuple<at::Tensor, at::Tensor> pack_quantized_weight(const at::Tensor& weight, int64_t groups) {
   static auto op = typed_op<decltype(pack_quantized_weight)>("qext::pack_quantized_weight");
   return op.call(weight, groups);
 }
 
 at::Tensor quantized_linear(const at::Tensor& input, const at::Tensor& packed_weight,
                             const at::Tensor& row_sums, at::IntArrayRef weight_shape,
-                            const at::Tensor& weight_scale,
-                            const std::optional<at::Tensor>& bias,
+                            const at::Tensor& weight_scale, const std::optional<at::Tensor>& bias,
                             std::optional<double> output_scale, int64_t output_zero_point,
                             int64_t output_min, int64_t output_max, bool relu) {
   static auto op = typed_op<decltype(quantized_linear)>("qext::quantized_linear");
@@ -56,8 +54,8 @@ at::Tensor quantized_add(const at::Tensor& a, const at::Tensor& b, double output
 at::Tensor quantized_avg_pool2d(const at::Tensor& input, at::IntArrayRef kernel_size,
                                 at::IntArrayRef stride, at::IntArrayRef padding, bool ceil_mode,
                                 bool count_include_pad, std::optional<int64_t> divisor_override,
-                                double output_scale, int64_t output_zero_point,
-                                int64_t output_min, int64_t output_max) {
+                                double output_scale, int64_t output_zero_point, int64_t output_min,
+                                int64_t output_max) {
   static auto op = typed_op<decltype(quantized_avg_pool2d)>("qext::quantized_avg_pool2d");
   return op.call(input, kernel_size, stride, padding, ceil_mode, count_include_pad,
                  divisor_override, output_scale, output_zero_point, output_min, output_max);
@@ -88,7 +86,8 @@ TORCH_LIBRARY_FRAGMENT(qext, m) {
   m.def("pack_quantized_weight(Tensor weight, int groups=1) -> (Tensor, Tensor)");
   m.def(
       "quantized_linear(Tensor input, Tensor packed_weight, Tensor row_sums, int[] weight_shape, "
-      "Tensor weight_scale, Tensor? bias, float? output_scale, int output_zero_point, int output_min, int output_max, "
+      "Tensor weight_scale, Tensor? bias, float? output_scale, int output_zero_point, int "
+      "output_min, int output_max, "
       "bool relu=False) -> Tensor");
   m.def(
       "quantized_conv2d(Tensor input, Tensor packed_weight, Tensor row_sums, int[] weight_shape, "

@@ -1,6 +1,6 @@
 // Integer-only layers of converted models (Jacob et al. 2018): int8 weights pre-packed once,
-// uint8 / int8 activations as per-tensor quantized tensors (torch.quint8 / torch.qint8, their scale and
-// zero point read from the tensor), int32 bias and accumulators, fixed-point requantization.
+// uint8 / int8 activations as per-tensor quantized tensors (torch.quint8 / torch.qint8, their scale
+// and zero point read from the tensor), int32 bias and accumulators, fixed-point requantization.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -13,11 +13,11 @@
 
 namespace qext::ops {
 
-// Packs int8 weights for quantized_linear ([out, in]) or quantized_conv2d ([out, in / groups, kh, kw])
-// into the layout the CPU kernels read (ISA independent: a packed weight runs on any CPU and, moved
-// to the GPU, on CUDA). Returns (packed int8 1-D, row_sums int32 [out]: the sum of each output
-// channel's weights). Depthwise weights (groups == out == in) are packed tap-major for the direct
-// depthwise kernel.
+// Packs int8 weights for quantized_linear ([out, in]) or quantized_conv2d ([out, in / groups, kh,
+// kw]) into the layout the CPU kernels read (ISA independent: a packed weight runs on any CPU and,
+// moved to the GPU, on CUDA). Returns (packed int8 1-D, row_sums int32 [out]: the sum of each
+// output channel's weights). Depthwise weights (groups == out == in) are packed tap-major for the
+// direct depthwise kernel.
 std::tuple<at::Tensor, at::Tensor> pack_quantized_weight(const at::Tensor& weight,
                                                          int64_t groups = 1);
 
@@ -29,13 +29,12 @@ std::tuple<at::Tensor, at::Tensor> pack_quantized_weight(const at::Tensor& weigh
 // entry (per tensor) or one per output channel; weights are symmetric (zero point 0).
 at::Tensor quantized_linear(const at::Tensor& input, const at::Tensor& packed_weight,
                             const at::Tensor& row_sums, at::IntArrayRef weight_shape,
-                            const at::Tensor& weight_scale,
-                            const std::optional<at::Tensor>& bias,
+                            const at::Tensor& weight_scale, const std::optional<at::Tensor>& bias,
                             std::optional<double> output_scale, int64_t output_zero_point,
                             int64_t output_min, int64_t output_max, bool relu = false);
 
-// The same for a 2-D convolution, weight_shape [out, in / groups, kh, kw] (zero padding: padded taps are the input zero point). The output
-// is NCHW-shaped in channels_last memory format.
+// The same for a 2-D convolution, weight_shape [out, in / groups, kh, kw] (zero padding: padded
+// taps are the input zero point). The output is NCHW-shaped in channels_last memory format.
 at::Tensor quantized_conv2d(const at::Tensor& input, const at::Tensor& packed_weight,
                             const at::Tensor& row_sums, at::IntArrayRef weight_shape,
                             const at::Tensor& weight_scale, const std::optional<at::Tensor>& bias,
@@ -54,8 +53,8 @@ at::Tensor quantized_add(const at::Tensor& a, const at::Tensor& b, double output
 at::Tensor quantized_avg_pool2d(const at::Tensor& input, at::IntArrayRef kernel_size,
                                 at::IntArrayRef stride, at::IntArrayRef padding, bool ceil_mode,
                                 bool count_include_pad, std::optional<int64_t> divisor_override,
-                                double output_scale, int64_t output_zero_point,
-                                int64_t output_min, int64_t output_max);
+                                double output_scale, int64_t output_zero_point, int64_t output_min,
+                                int64_t output_max);
 
 // Adaptive average pooling (torch.nn.AdaptiveAvgPool2d's windows), requantized.
 at::Tensor quantized_adaptive_avg_pool2d(const at::Tensor& input, at::IntArrayRef output_size,

@@ -38,8 +38,8 @@ Int8Input resolve_int8_input(const at::Tensor& input, const char* op, const char
               " must be torch.quint8 or torch.qint8, got ", dtype);
   Int8Input in;
   in.scale = input.q_scale();
-  TORCH_CHECK(std::isfinite(in.scale) && in.scale > 0, op, ": ", name,
-              " has scale ", in.scale, "; it must be finite and > 0");
+  TORCH_CHECK(std::isfinite(in.scale) && in.scale > 0, op, ": ", name, " has scale ", in.scale,
+              "; it must be finite and > 0");
   const int64_t zp = input.q_zero_point() + (dtype == at::kQInt8 ? 128 : 0);
   TORCH_CHECK(zp >= 0 && zp <= 255, op, ": ", name, " has zero point ", input.q_zero_point(),
               " outside the range of its dtype ", dtype);
@@ -56,8 +56,8 @@ Int8Output resolve_int8_output(std::optional<double> scale, int64_t zero_point, 
     out.is_float = true;
     return out;
   }
-  TORCH_CHECK(std::isfinite(*scale) && *scale > 0, op, ": output_scale must be finite and > 0, got ",
-              *scale);
+  TORCH_CHECK(std::isfinite(*scale) && *scale > 0, op,
+              ": output_scale must be finite and > 0, got ", *scale);
   TORCH_CHECK(min < max, op, ": output_min (", min, ") must be < output_max (", max, ")");
   if (min >= 0 && max <= 255) {
     out.dtype = at::kQUInt8;
@@ -94,7 +94,8 @@ LinearShape linear_shape(const at::Tensor& input, at::IntArrayRef weight_shape, 
   s.out_features = weight_shape[0];
   s.in_features = weight_shape[1];
   s.rows = input.numel() / s.in_features;
-  s.packed_bytes = static_cast<int64_t>(kernels::packed_weight_bytes(s.out_features, s.in_features));
+  s.packed_bytes =
+      static_cast<int64_t>(kernels::packed_weight_bytes(s.out_features, s.in_features));
   return s;
 }
 
@@ -141,7 +142,8 @@ Conv2dShape conv2d_shape(const at::Tensor& input, at::IntArrayRef weight_shape,
               " is too small for the kernel ", weight_shape[2], "x", weight_shape[3],
               " with padding ", padding, " and dilation ", dilation);
   s.depthwise = groups > 1 && groups == g.in_channels && groups == out_channels;
-  s.group_bytes = static_cast<int64_t>(kernels::packed_weight_bytes(out_channels / groups, g.group_k()));
+  s.group_bytes =
+      static_cast<int64_t>(kernels::packed_weight_bytes(out_channels / groups, g.group_k()));
   s.packed_bytes = s.depthwise ? g.kernel_h * g.kernel_w * out_channels : s.group_bytes * groups;
   return s;
 }
@@ -169,10 +171,10 @@ Int8LayerParams resolve_int8_layer(const at::Tensor& input, const at::Tensor& pa
   Int8LayerParams p;
   p.input = resolve_int8_input(input, op);
   p.output = output;
-  TORCH_CHECK(row_sums.scalar_type() == at::kInt && row_sums.dim() == 1 &&
-                  row_sums.numel() == out_channels,
-              op, ": row_sums must be int32 of shape [", out_channels, "], got ",
-              row_sums.scalar_type(), " of shape ", row_sums.sizes());
+  TORCH_CHECK(
+      row_sums.scalar_type() == at::kInt && row_sums.dim() == 1 && row_sums.numel() == out_channels,
+      op, ": row_sums must be int32 of shape [", out_channels, "], got ", row_sums.scalar_type(),
+      " of shape ", row_sums.sizes());
   const int64_t n = out_channels;
   p.out_channels = n;
   TORCH_CHECK(packed_weight.scalar_type() == at::kChar && packed_weight.dim() == 1, op,
@@ -187,8 +189,9 @@ Int8LayerParams resolve_int8_layer(const at::Tensor& input, const at::Tensor& pa
   }
   TORCH_CHECK(weight_scale.scalar_type() == at::kFloat &&
                   (weight_scale.numel() == 1 || weight_scale.numel() == n),
-              op, ": weight_scale must be float32 with 1 or ", n, " (output channels) entries, got ",
-              weight_scale.scalar_type(), " of shape ", weight_scale.sizes());
+              op, ": weight_scale must be float32 with 1 or ", n,
+              " (output channels) entries, got ", weight_scale.scalar_type(), " of shape ",
+              weight_scale.sizes());
   const auto ws = host_values(weight_scale);
   std::vector<double> acc_scale(n);
   for (int64_t c = 0; c < n; ++c) {
@@ -201,8 +204,8 @@ Int8LayerParams resolve_int8_layer(const at::Tensor& input, const at::Tensor& pa
   int64_t max_abs_bias = 0;
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->dim() == 1 && bias->numel() == n, op,
-                ": bias must be float32 of shape [", n, "], got ", bias->scalar_type(), " of shape ",
-                bias->sizes());
+                ": bias must be float32 of shape [", n, "], got ", bias->scalar_type(),
+                " of shape ", bias->sizes());
     const auto b_p = host_values(*bias);
     p.bias.resize(n);
     p.bias_fraction.resize(n);
@@ -241,6 +244,43 @@ Int8LayerParams resolve_int8_layer(const at::Tensor& input, const at::Tensor& pa
     }
   }
   return p;
+}
+
+LinearCall resolve_linear_call(const at::Tensor& input, const at::Tensor& packed_weight,
+                               const at::Tensor& row_sums, at::IntArrayRef weight_shape,
+                               const at::Tensor& weight_scale,
+                               const std::optional<at::Tensor>& bias,
+                               std::optional<double> output_scale, int64_t output_zero_point,
+                               int64_t output_min, int64_t output_max, bool relu) {
+  constexpr const char* op = "qext.quantized_linear";
+  const auto out =
+      resolve_int8_output(output_scale, output_zero_point, output_min, output_max, relu, op);
+  LinearCall call;
+  call.shape = linear_shape(input, weight_shape, op);
+  call.params = resolve_int8_layer(input, packed_weight, call.shape.packed_bytes, row_sums,
+                                   call.shape.out_features, weight_scale, bias,
+                                   call.shape.in_features, out, op);
+  return call;
+}
+
+Conv2dCall resolve_conv2d_call(const at::Tensor& input, const at::Tensor& packed_weight,
+                               const at::Tensor& row_sums, at::IntArrayRef weight_shape,
+                               const at::Tensor& weight_scale,
+                               const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                               std::optional<double> output_scale, int64_t output_zero_point,
+                               int64_t output_min, int64_t output_max, bool relu) {
+  constexpr const char* op = "qext.quantized_conv2d";
+  const auto out =
+      resolve_int8_output(output_scale, output_zero_point, output_min, output_max, relu, op);
+  Conv2dCall call;
+  call.shape = conv2d_shape(input, weight_shape, stride, padding, dilation, groups, op);
+  const auto& g = call.shape.geometry;
+  call.params = resolve_int8_layer(input, packed_weight, call.shape.packed_bytes, row_sums,
+                                   g.out_channels, weight_scale, bias, g.group_k(), out, op);
+  TORCH_CHECK(!(call.shape.depthwise && out.is_float), op,
+              ": depthwise convolutions write quantized outputs; give an output_scale");
+  return call;
 }
 
 kernels::RequantEpilogue requant_epilogue(const Int8LayerParams& p, const int32_t* row_sums,

@@ -80,13 +80,37 @@ struct Int8LayerParams {
 
 // Checks the weight tensors (packed_weight int8 1-D of packed_bytes bytes, row_sums int32 [N] for
 // N = out_channels, weight_scale float32 [1] or [N] finite and > 0, bias float32 [N] finite), that
-// the int32 accumulation over `reduction` (K) terms is exact, and derives the per-channel parameters.
+// the int32 accumulation over `reduction` (K) terms is exact, and derives the per-channel
+// parameters.
 Int8LayerParams resolve_int8_layer(const at::Tensor& input, const at::Tensor& packed_weight,
                                    int64_t packed_bytes, const at::Tensor& row_sums,
-                                   int64_t out_channels,
-                                   const at::Tensor& weight_scale,
+                                   int64_t out_channels, const at::Tensor& weight_scale,
                                    const std::optional<at::Tensor>& bias, int64_t reduction,
                                    const Int8Output& output, const char* op);
+
+// Everything one quantized_linear / quantized_conv2d call has checked and derived, in the order
+// both backends check it (so the same bad argument gets the same message on either device).
+struct LinearCall {
+  LinearShape shape;
+  Int8LayerParams params;
+};
+LinearCall resolve_linear_call(const at::Tensor& input, const at::Tensor& packed_weight,
+                               const at::Tensor& row_sums, at::IntArrayRef weight_shape,
+                               const at::Tensor& weight_scale,
+                               const std::optional<at::Tensor>& bias,
+                               std::optional<double> output_scale, int64_t output_zero_point,
+                               int64_t output_min, int64_t output_max, bool relu);
+struct Conv2dCall {
+  Conv2dShape shape;
+  Int8LayerParams params;
+};
+Conv2dCall resolve_conv2d_call(const at::Tensor& input, const at::Tensor& packed_weight,
+                               const at::Tensor& row_sums, at::IntArrayRef weight_shape,
+                               const at::Tensor& weight_scale,
+                               const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                               std::optional<double> output_scale, int64_t output_zero_point,
+                               int64_t output_min, int64_t output_max, bool relu);
 
 // The epilogues of those parameters for the output channels [first, first + count).
 kernels::RequantEpilogue requant_epilogue(const Int8LayerParams& p, const int32_t* row_sums,

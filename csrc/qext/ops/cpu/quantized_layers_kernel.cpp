@@ -102,8 +102,8 @@ std::tuple<at::Tensor, at::Tensor> pack_quantized_weight_cpu(const at::Tensor& w
   TORCH_CHECK(weight.numel() > 0, op, ": weight is empty (shape ", weight.sizes(), ")");
   TORCH_CHECK(groups >= 1, op, ": groups must be >= 1, got ", groups);
   const int64_t out = weight.size(0);
-  TORCH_CHECK(out % groups == 0, op, ": out channels (", out, ") not divisible by groups (",
-              groups, ")");
+  TORCH_CHECK(out % groups == 0, op, ": out channels (", out, ") not divisible by groups (", groups,
+              ")");
   TORCH_CHECK(weight.dim() == 4 || groups == 1, op, ": a linear weight has groups = 1, got ",
               groups);
   const auto w = weight.contiguous();
@@ -153,13 +153,12 @@ at::Tensor quantized_linear_cpu(const at::Tensor& input, const at::Tensor& packe
                                 const std::optional<at::Tensor>& bias,
                                 std::optional<double> output_scale, int64_t output_zero_point,
                                 int64_t output_min, int64_t output_max, bool relu) {
-  constexpr const char* op = "qext.quantized_linear";
-  const auto out = detail::resolve_int8_output(output_scale, output_zero_point, output_min,
-                                               output_max, relu, op);
-  const auto shape = detail::linear_shape(input, weight_shape, op);
-  const int64_t M = shape.rows, N = shape.out_features, K = shape.in_features;
-  const auto p = detail::resolve_int8_layer(input, packed_weight, shape.packed_bytes, row_sums, N,
-                                            weight_scale, bias, K, out, op);
+  const auto call =
+      detail::resolve_linear_call(input, packed_weight, row_sums, weight_shape, weight_scale, bias,
+                                  output_scale, output_zero_point, output_min, output_max, relu);
+  const auto& p = call.params;
+  const auto& out = p.output;
+  const int64_t M = call.shape.rows, N = call.shape.out_features, K = call.shape.in_features;
   auto sizes = input.sizes().vec();
   sizes.back() = N;
   auto y = detail::empty_int8_output(sizes, out, input.options());
@@ -208,18 +207,15 @@ at::Tensor quantized_conv2d_cpu(const at::Tensor& input, const at::Tensor& packe
                                 at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                                 std::optional<double> output_scale, int64_t output_zero_point,
                                 int64_t output_min, int64_t output_max, bool relu) {
-  constexpr const char* op = "qext.quantized_conv2d";
-  const auto out = detail::resolve_int8_output(output_scale, output_zero_point, output_min,
-                                               output_max, relu, op);
-  const auto shape = detail::conv2d_shape(input, weight_shape, stride, padding, dilation, groups, op);
-  const auto& g = shape.geometry;
-  const bool depthwise = shape.depthwise;
+  const auto call = detail::resolve_conv2d_call(
+      input, packed_weight, row_sums, weight_shape, weight_scale, bias, stride, padding, dilation,
+      groups, output_scale, output_zero_point, output_min, output_max, relu);
+  const auto& p = call.params;
+  const auto& out = p.output;
+  const auto& g = call.shape.geometry;
+  const bool depthwise = call.shape.depthwise;
   const int64_t OC = g.out_channels, K = g.group_k(), OCg = OC / groups;
-  const int64_t group_bytes = shape.group_bytes;
-  const auto p = detail::resolve_int8_layer(input, packed_weight, shape.packed_bytes, row_sums, OC,
-                                            weight_scale, bias, K, out, op);
-  TORCH_CHECK(!(depthwise && out.is_float), op,
-              ": depthwise convolutions write quantized outputs; give an output_scale");
+  const int64_t group_bytes = call.shape.group_bytes;
   auto y = detail::empty_int8_output({g.batch, OC, g.out_h, g.out_w}, out, input.options(),
                                      at::MemoryFormat::ChannelsLast);
   if (g.batch == 0) return y;
@@ -231,8 +227,8 @@ at::Tensor quantized_conv2d_cpu(const at::Tensor& input, const at::Tensor& packe
   }
 
   const int64_t P = g.batch * g.out_h * g.out_w;  // GEMM rows: output pixels
-  // im2col copies runs of channels from a channels-last input (an NCHW one would be gathered byte by
-  // byte: one layout copy first is much cheaper).
+  // im2col copies runs of channels from a channels-last input (an NCHW one would be gathered byte
+  // by byte: one layout copy first is much cheaper).
   const auto x = input.contiguous(at::MemoryFormat::ChannelsLast);
   // A 1x1, stride-1, unpadded convolution of a channels-last uint8 input is a GEMM on the input.
   const bool direct = groups == 1 && g.kernel_h == 1 && g.kernel_w == 1 && g.stride_h == 1 &&
@@ -342,11 +338,10 @@ std::pair<detail::Int8Input, detail::Int8Output> pool_io(const at::Tensor& input
 }
 
 at::Tensor quantized_avg_pool2d_cpu(const at::Tensor& input, at::IntArrayRef kernel_size,
-                                    at::IntArrayRef stride, at::IntArrayRef padding,
-                                    bool ceil_mode, bool count_include_pad,
-                                    std::optional<int64_t> divisor_override, double output_scale,
-                                    int64_t output_zero_point, int64_t output_min,
-                                    int64_t output_max) {
+                                    at::IntArrayRef stride, at::IntArrayRef padding, bool ceil_mode,
+                                    bool count_include_pad, std::optional<int64_t> divisor_override,
+                                    double output_scale, int64_t output_zero_point,
+                                    int64_t output_min, int64_t output_max) {
   constexpr const char* op = "qext.quantized_avg_pool2d";
   k::PoolQuant quant{};
   const auto [in, out] =
@@ -356,10 +351,10 @@ at::Tensor quantized_avg_pool2d_cpu(const at::Tensor& input, at::IntArrayRef ker
               ", ", stride, ", ", padding);
   TORCH_CHECK(!divisor_override.has_value() || *divisor_override > 0, op,
               ": divisor_override must be > 0, got ", divisor_override.value_or(0));
-  const k::AvgPool2dOptions options{kernel_size[0],     kernel_size[1], stride[0],
-                                    stride[1],          padding[0],     padding[1],
-                                    ceil_mode,          count_include_pad,
-                                    divisor_override.value_or(0)};
+  const k::AvgPool2dOptions options{
+      kernel_size[0], kernel_size[1],    stride[0],
+      stride[1],      padding[0],        padding[1],
+      ceil_mode,      count_include_pad, divisor_override.value_or(0)};
   k::AvgPool2dPlan plan;
   const char* why = "";
   TORCH_CHECK(k::make_avg_pool2d_plan(input.size(-2), input.size(-1), options, quant, &plan, &why),
@@ -386,7 +381,8 @@ at::Tensor quantized_adaptive_avg_pool2d_cpu(const at::Tensor& input, at::IntArr
 }
 
 // The layer ops dispatch on their quantized input (QuantizedCPU); registered at CPU too so that a
-// float (or integer) tensor given by mistake gets the op's own message rather than the dispatcher's.
+// float (or integer) tensor given by mistake gets the op's own message rather than the
+// dispatcher's.
 void register_layers(torch::Library& m) {
   m.impl("quantized_linear", quantized_linear_cpu);
   m.impl("quantized_conv2d", quantized_conv2d_cpu);

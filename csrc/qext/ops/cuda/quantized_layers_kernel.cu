@@ -408,7 +408,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) qgemm_u8s8_kernel(const GemmArg
           uint8_t* dst = static_cast<uint8_t*>(args.c) + out_index;
           uint32_t y[8];
 #pragma unroll
-          for (int e = 0; e < 8; ++e) y[e] = requant_byte(ep, v[e], mult[e], expo[e], round_offset[e]);
+          for (int e = 0; e < 8; ++e)
+            y[e] = requant_byte(ep, v[e], mult[e], expo[e], round_offset[e]);
           if (full && (reinterpret_cast<uintptr_t>(dst) & 7) == 0) {
             uint2 packed;
             packed.x = y[0] | (y[1] << 8) | (y[2] << 16) | (y[3] << 24);
@@ -640,9 +641,9 @@ __global__ void depthwise_kernel(const DepthwiseArgs p) {
         acc += static_cast<uint32_t>(x * static_cast<int32_t>(p.w[(ky * g.kw + kx) * C + c]));
       }
     }
-    p.out[i] = static_cast<uint8_t>(
-        requant_byte(p.ep, static_cast<int32_t>(acc), __ldg(p.ep.mult + c), __ldg(p.ep.expo + c),
-                     __ldg(p.ep.offset + c)));
+    p.out[i] =
+        static_cast<uint8_t>(requant_byte(p.ep, static_cast<int32_t>(acc), __ldg(p.ep.mult + c),
+                                          __ldg(p.ep.expo + c), __ldg(p.ep.offset + c)));
   }
 }
 
@@ -718,12 +719,12 @@ at::Tensor quantized_linear_cuda(const at::Tensor& input, const at::Tensor& pack
                                  int64_t output_min, int64_t output_max, bool relu) {
   // The checks and their order are those of the CPU kernel (ops/cpu/quantized_layers_kernel.cpp).
   constexpr const char* op = "qext.quantized_linear";
-  const Int8Output out = detail::resolve_int8_output(output_scale, output_zero_point, output_min,
-                                                     output_max, relu, op);
-  const auto shape = detail::linear_shape(input, weight_shape, op);
-  const int64_t M = shape.rows, N = shape.out_features, K = shape.in_features;
-  const Int8LayerParams p = detail::resolve_int8_layer(input, packed_weight, shape.packed_bytes,
-                                                       row_sums, N, weight_scale, bias, K, out, op);
+  const auto call =
+      detail::resolve_linear_call(input, packed_weight, row_sums, weight_shape, weight_scale, bias,
+                                  output_scale, output_zero_point, output_min, output_max, relu);
+  const Int8LayerParams& p = call.params;
+  const Int8Output& out = p.output;
+  const int64_t M = call.shape.rows, N = call.shape.out_features, K = call.shape.in_features;
   auto sizes = input.sizes().vec();
   sizes.back() = N;
 
@@ -783,18 +784,15 @@ at::Tensor quantized_conv2d_cuda(const at::Tensor& input, const at::Tensor& pack
                                  int64_t output_min, int64_t output_max, bool relu) {
   // The checks and their order are those of the CPU kernel.
   constexpr const char* op = "qext.quantized_conv2d";
-  const Int8Output out = detail::resolve_int8_output(output_scale, output_zero_point, output_min,
-                                                     output_max, relu, op);
-  const auto shape =
-      detail::conv2d_shape(input, weight_shape, stride, padding, dilation, groups, op);
-  const auto& geometry = shape.geometry;
-  const bool depthwise = shape.depthwise;
+  const auto call = detail::resolve_conv2d_call(
+      input, packed_weight, row_sums, weight_shape, weight_scale, bias, stride, padding, dilation,
+      groups, output_scale, output_zero_point, output_min, output_max, relu);
+  const Int8LayerParams& p = call.params;
+  const Int8Output& out = p.output;
+  const auto& geometry = call.shape.geometry;
+  const bool depthwise = call.shape.depthwise;
   const int64_t OC = geometry.out_channels, K = geometry.group_k(), OCg = OC / groups;
-  const int64_t group_bytes = shape.group_bytes;
-  const Int8LayerParams p = detail::resolve_int8_layer(input, packed_weight, shape.packed_bytes,
-                                                       row_sums, OC, weight_scale, bias, K, out, op);
-  TORCH_CHECK(!(depthwise && out.is_float), op,
-              ": depthwise convolutions write quantized outputs; give an output_scale");
+  const int64_t group_bytes = call.shape.group_bytes;
   const ConvShape g = conv_shape(geometry);
 
   const c10::cuda::CUDAGuard guard(input.device());
