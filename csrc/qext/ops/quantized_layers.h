@@ -61,7 +61,7 @@ at::Tensor quantized_adaptive_avg_pool2d(const at::Tensor& input, at::IntArrayRe
                                          double output_scale, int64_t output_zero_point,
                                          int64_t output_min, int64_t output_max);
 
-// Which CPU kernels the integer layers use: "auto" (the fastest this CPU runs; AMX from 32 rows) or
+// Which CPU kernels the integer layers use: "auto" (the fastest this CPU runs; AMX from 8 rows) or
 // one of supported_int8_isas() ("scalar", "avx2", "avx512_vnni", "amx"), for tests and benchmarks.
 void set_int8_isa(const std::string& name);
 std::string int8_isa();
