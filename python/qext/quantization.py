@@ -498,10 +498,11 @@ def _convert_module(mod: nn.Module, name: str) -> nn.Module:
 
 
 def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
-    """The reference integer model of a QAT / calibrated model (``qext.nn.quantized``): integer weights
+    """The integer model of a QAT / calibrated model (``qext.nn.quantized``, run by the int8 kernels): integer weights
     (per-channel int8 for the ``"int8"`` presets; the BN-folded weights of ``ConvBn2d``), float32 scales,
     int32 zero points, the output scale / zero point of every quantized output; ``QuantStub`` ->
-    ``Quantize``, ``DeQuantStub`` -> ``DeQuantize``, ``QAdd`` -> quantized add. Modules left in float stay
+    ``Quantize``, ``DeQuantStub`` -> ``DeQuantize``, ``QAdd`` -> quantized add, QAT average pools -> integer
+    average pools. Modules left in float stay
     float. The result is in eval mode and agrees with the QAT model in eval mode (fake quant, observers as
     they are) to within one output step per element.
 
