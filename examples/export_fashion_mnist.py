@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fashion_mnist_qat import DEFAULT_DATA_DIR, BatchStream, load_fashion_mnist, to_tensors  # noqa: E402
+from fashion_mnist_qat import DEFAULT_DATA_DIR, BatchStream, load_normalized  # noqa: E402
 from fashion_mnist_workflow import accuracy, make_cnn, predict, train  # noqa: E402
 
 import qext  # noqa: E402
@@ -65,11 +65,7 @@ def main(argv=None) -> int:
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
 
-    (train_img, train_lbl), (test_img, test_lbl) = load_fashion_mnist(args.data_dir)
-    mean = float(train_img.mean() / 255.0)
-    std = float(train_img.std() / 255.0)
-    x_train, y_train = to_tensors(train_img, train_lbl, mean, std)
-    x_test, y_test = to_tensors(test_img, test_lbl, mean, std)
+    x_train, y_train, x_test, y_test, mean, std = load_normalized(args.data_dir)
     if args.limit:
         x_test, y_test = x_test[:args.limit], y_test[:args.limit]
 

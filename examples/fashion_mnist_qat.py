@@ -91,6 +91,17 @@ def to_tensors(images: np.ndarray, labels: np.ndarray, mean: float, std: float):
     return x, y
 
 
+def load_normalized(data_dir: Path):
+    """(x_train, y_train, x_test, y_test, mean, std): the images as float32 [N, 1, 28, 28] normalised with
+    the training set's pixel mean and std (the numbers a deployed model must apply too)."""
+    (train_img, train_lbl), (test_img, test_lbl) = load_fashion_mnist(data_dir)
+    mean = float(train_img.mean() / 255.0)
+    std = float(train_img.std() / 255.0)
+    x_train, y_train = to_tensors(train_img, train_lbl, mean, std)
+    x_test, y_test = to_tensors(test_img, test_lbl, mean, std)
+    return x_train, y_train, x_test, y_test, mean, std
+
+
 # --------------------------------------------------------------------------------------------- model
 def make_cnn() -> nn.Sequential:
     return nn.Sequential(
@@ -337,11 +348,7 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
 
-    (train_img, train_lbl), (test_img, test_lbl) = load_fashion_mnist(args.data_dir)
-    mean = float(train_img.mean() / 255.0)
-    std = float(train_img.std() / 255.0)
-    x_train, y_train = to_tensors(train_img, train_lbl, mean, std)
-    x_test, y_test = to_tensors(test_img, test_lbl, mean, std)
+    x_train, y_train, x_test, y_test, mean, std = load_normalized(args.data_dir)
     print(f"Fashion-MNIST from {args.data_dir}: train {tuple(x_train.shape)}, test {tuple(x_test.shape)}; "
           f"normalised with mean {mean:.4f}, std {std:.4f}")
     print(f"torch {torch.__version__}, qext {getattr(qext, '__version__', '?')} ({qext.__file__}), "

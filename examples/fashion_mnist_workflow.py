@@ -51,8 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fashion_mnist_qat import (  # noqa: E402  (also checks that qext imports, with a helpful message)
     DEFAULT_DATA_DIR,
     BatchStream,
-    load_fashion_mnist,
-    to_tensors,
+    load_normalized,
 )
 
 import qext  # noqa: E402
@@ -231,11 +230,7 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
 
-    (train_img, train_lbl), (test_img, test_lbl) = load_fashion_mnist(args.data_dir)
-    mean = float(train_img.mean() / 255.0)
-    std = float(train_img.std() / 255.0)
-    x_train, y_train = to_tensors(train_img, train_lbl, mean, std)
-    x_test, y_test = to_tensors(test_img, test_lbl, mean, std)
+    x_train, y_train, x_test, y_test, mean, std = load_normalized(args.data_dir)
     if args.train_subset:
         x_train, y_train = x_train[:args.train_subset], y_train[:args.train_subset]
     if args.test_subset:

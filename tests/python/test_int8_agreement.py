@@ -112,13 +112,11 @@ def test_kernels_and_reference_path_agree_on_a_whole_model():
 
 @pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="dataset-fashion-mnist missing")
 def test_fashion_mnist_top1_agreement():
-    from fashion_mnist_qat import DEFAULT_DATA_DIR, load_fashion_mnist, to_tensors
+    from fashion_mnist_qat import DEFAULT_DATA_DIR, load_normalized
     from fashion_mnist_workflow import make_cnn
 
-    (xtr, ytr), (xte, yte) = load_fashion_mnist(DEFAULT_DATA_DIR)
-    mean, std = float(xtr.mean() / 255), float(xtr.std() / 255)
-    x_train, y_train = to_tensors(xtr[:12000], ytr[:12000], mean, std)
-    x_test, y_test = to_tensors(xte, yte, mean, std)
+    x_train, y_train, x_test, y_test, _, _ = load_normalized(DEFAULT_DATA_DIR)
+    x_train, y_train = x_train[:12000], y_train[:12000]
     torch.manual_seed(0)
     model = make_cnn(widths=(8, 16, 16), hidden=32)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)

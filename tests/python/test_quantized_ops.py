@@ -56,19 +56,23 @@ def assert_matches_reference(out_levels, ref_levels, ambiguous, max_ambiguous=0.
     assert float(ambiguous.double().mean()) < max_ambiguous
 
 
-def linear_reference(x, w, w_scale, bias, out_scale, out_zp, lo, hi, relu):
-    sx, zx = x.q_scale(), x.q_zero_point()
-    xc = x.int_repr().double() - zx
-    acc_scale = sx * w_scale.double()
-    acc = xc @ w.double().t()
+def epilogue_reference(acc, acc_scale, bias, out_scale, out_zp, lo, hi, relu):
+    """The layer output of exact integer sums ``acc`` (acc_scale and bias broadcast against it): float32,
+    or (levels, ambiguous) of the requantized output."""
     if bias is not None:  # exact for quantized outputs, rounded to int32 for float ones
-        b = bias.double() / acc_scale
+        b = bias / acc_scale
         acc = acc + (b if out_scale is not None else torch.round(b))
     if out_scale is None:
         y = (acc * acc_scale).float()
         return F.relu(y) if relu else y
     lo = max(lo, out_zp) if relu else lo
     return requantize_reference(acc, acc_scale / out_scale, out_zp, lo, hi)
+
+
+def linear_reference(x, w, w_scale, bias, out_scale, out_zp, lo, hi, relu):
+    acc = (x.int_repr().double() - x.q_zero_point()) @ w.double().t()
+    return epilogue_reference(acc, x.q_scale() * w_scale.double(), None if bias is None else bias.double(),
+                              out_scale, out_zp, lo, hi, relu)
 
 
 def pack(w, groups=1):
@@ -155,18 +159,12 @@ CONV_CASES = [
 
 
 def conv_reference(x, w, w_scale, bias, out_scale, out_zp, lo, hi, relu, stride, padding, dilation, groups):
-    sx, zx = x.q_scale(), x.q_zero_point()
-    xc = x.int_repr().double() - zx  # zero padding of (q - z) is padding q with its zero point
+    xc = x.int_repr().double() - x.q_zero_point()  # zero padding of (q - z) is padding q with its zero point
     acc = F.conv2d(xc, w.double(), None, stride, padding, dilation, groups)
-    acc_scale = (sx * w_scale.double()).reshape(1, -1, 1, 1)
-    if bias is not None:  # exact for quantized outputs, rounded to int32 for float ones
-        b = bias.double().reshape(1, -1, 1, 1) / acc_scale
-        acc = acc + (b if out_scale is not None else torch.round(b))
-    if out_scale is None:
-        y = (acc * acc_scale).float()
-        return F.relu(y) if relu else y
-    lo = max(lo, out_zp) if relu else lo
-    return requantize_reference(acc, acc_scale / out_scale, out_zp, lo, hi)
+    channel = (1, -1, 1, 1)
+    return epilogue_reference(acc, (x.q_scale() * w_scale.double()).reshape(channel),
+                              None if bias is None else bias.double().reshape(channel),
+                              out_scale, out_zp, lo, hi, relu)
 
 
 @pytest.mark.parametrize("case", CONV_CASES)

@@ -138,6 +138,22 @@ bool check_common(Isa isa, int64_t M, int64_t N, int64_t K, const uint8_t* a, in
   return true;
 }
 
+// Runs the ISA's kernel (the detail:: overload for the epilogue type).
+template <typename Epilogue, typename Out>
+void dispatch(Isa isa, int64_t M, int64_t N, int64_t K, const uint8_t* a, int64_t lda,
+              const int8_t* packed_w, const Epilogue& ep, Out* c, int64_t ldc) {
+  switch (isa) {
+    case Isa::kScalar:
+      return detail::qgemm_scalar(M, N, K, a, lda, packed_w, ep, c, ldc);
+    case Isa::kAvx2:
+      return detail::qgemm_avx2(M, N, K, a, lda, packed_w, ep, c, ldc);
+    case Isa::kAvx512Vnni:
+      return detail::qgemm_avx512vnni(M, N, K, a, lda, packed_w, ep, c, ldc);
+    case Isa::kAmx:
+      return detail::qgemm_amx(M, N, K, a, lda, packed_w, ep, c, ldc);
+  }
+}
+
 }  // namespace
 
 Isa best_isa() {
@@ -208,32 +224,14 @@ void qgemm_u8s8(Isa isa, int64_t M, int64_t N, int64_t K, const uint8_t* a, int6
     invalid("out_min / out_max minus out_zero_point=" + std::to_string(ep.out_zero_point) +
             " overflow int32");
   }
-  switch (isa) {
-    case Isa::kScalar:
-      return detail::qgemm_scalar(M, N, K, a, lda, packed_w, ep, c, ldc);
-    case Isa::kAvx2:
-      return detail::qgemm_avx2(M, N, K, a, lda, packed_w, ep, c, ldc);
-    case Isa::kAvx512Vnni:
-      return detail::qgemm_avx512vnni(M, N, K, a, lda, packed_w, ep, c, ldc);
-    case Isa::kAmx:
-      return detail::qgemm_amx(M, N, K, a, lda, packed_w, ep, c, ldc);
-  }
+  dispatch(isa, M, N, K, a, lda, packed_w, ep, c, ldc);
 }
 
 void qgemm_u8s8(Isa isa, int64_t M, int64_t N, int64_t K, const uint8_t* a, int64_t lda,
                 const int8_t* packed_w, const FloatEpilogue& ep, float* c, int64_t ldc) {
   if (!check_common(isa, M, N, K, a, lda, packed_w, c, ldc, ep.row_sums)) return;
   if (ep.scale == nullptr) invalid("null scale");
-  switch (isa) {
-    case Isa::kScalar:
-      return detail::qgemm_scalar(M, N, K, a, lda, packed_w, ep, c, ldc);
-    case Isa::kAvx2:
-      return detail::qgemm_avx2(M, N, K, a, lda, packed_w, ep, c, ldc);
-    case Isa::kAvx512Vnni:
-      return detail::qgemm_avx512vnni(M, N, K, a, lda, packed_w, ep, c, ldc);
-    case Isa::kAmx:
-      return detail::qgemm_amx(M, N, K, a, lda, packed_w, ep, c, ldc);
-  }
+  dispatch(isa, M, N, K, a, lda, packed_w, ep, c, ldc);
 }
 
 }  // namespace qext::kernels

@@ -75,8 +75,7 @@ std::string int8_isa() { return detail::int8_isa_name(); }
 
 std::vector<std::string> supported_int8_isas() {
   std::vector<std::string> names;
-  for (const auto isa : {kernels::Isa::kScalar, kernels::Isa::kAvx2, kernels::Isa::kAvx512Vnni,
-                         kernels::Isa::kAmx}) {
+  for (const auto isa : detail::all_int8_isas()) {
     if (kernels::isa_supported(isa)) names.emplace_back(kernels::isa_name(isa));
   }
   return names;

@@ -20,13 +20,13 @@ constexpr int64_t kAmxMinRows = 8;
 // -1: automatic; else the forced kernels::Isa.
 std::atomic<int> forced_isa{-1};
 
-const std::vector<kernels::Isa>& all_isas() {
+}  // namespace
+
+const std::vector<kernels::Isa>& all_int8_isas() {
   static const std::vector<kernels::Isa> isas = {kernels::Isa::kScalar, kernels::Isa::kAvx2,
                                                  kernels::Isa::kAvx512Vnni, kernels::Isa::kAmx};
   return isas;
 }
-
-}  // namespace
 
 Int8Input resolve_int8_input(const at::Tensor& input, const char* op, const char* name) {
   TORCH_CHECK(input.is_quantized(), op, ": ", name,
@@ -321,7 +321,7 @@ void set_int8_isa(const std::string& name) {
     return;
   }
   std::string known;
-  for (const auto isa : all_isas()) {
+  for (const auto isa : all_int8_isas()) {
     if (name == kernels::isa_name(isa)) {
       TORCH_CHECK(kernels::isa_supported(isa), "set_int8_isa: this CPU cannot run '", name, "'");
       forced_isa = static_cast<int>(isa);

@@ -121,6 +121,7 @@ kernels::FloatEpilogue float_epilogue(const Int8LayerParams& p, const int32_t* r
 // The ISA the CPU integer kernels use: the fastest available, unless set_int8_isa() chose one
 // ("auto", "scalar", "avx2", "avx512_vnni", "amx"; for tests and benchmarks).
 kernels::Isa int8_gemm_isa(int64_t rows);
+const std::vector<kernels::Isa>& all_int8_isas();  // every ISA, reference first
 void set_int8_isa(const std::string& name);
 std::string int8_isa_name();
 
