@@ -3,7 +3,7 @@
 import torch  # noqa: F401  (loads libtorch before libqext)
 
 from . import _C
-from .qconfig import QConfig, QuantSpec, get_qconfig
+from .qconfig import KMeansSpec, QConfig, QuantSpec, get_qconfig
 from .observer import HistogramObserver, MinMaxObserver, MovingAverageMinMaxObserver, make_observer
 from .fake_quant import FakeQuantize, disable_fake_quant, disable_observer, set_module_names
 from . import nn
@@ -27,6 +27,7 @@ from .quantization import (
 )
 
 from .functional import dequantize, fake_quantize, fake_quantize_learnable, quantize
+from .clustering import kmeans, kmeans_assign, kmeans_dequantize, pack_labels, unpack_labels
 from .export import ModelFileError, TraceMismatchError, load_torchscript, save_torchscript
 
 __version__ = _C.version()
@@ -49,6 +50,7 @@ __all__ = [
     "prepare_qat",
     "quantize_dynamic",
     "HistogramObserver",
+    "KMeansSpec",
     "MinMaxObserver",
     "MovingAverageMinMaxObserver",
     "QConfig",
@@ -61,9 +63,14 @@ __all__ = [
     "fake_quantize",
     "fake_quantize_learnable",
     "get_qconfig",
+    "kmeans",
+    "kmeans_assign",
+    "kmeans_dequantize",
     "make_observer",
+    "pack_labels",
     "quantize",
     "set_module_names",
+    "unpack_labels",
     "with_cuda",
     "ModelFileError", "TraceMismatchError", "load_torchscript", "save_torchscript",
 ]

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, Optional, Union
 
 OBSERVERS = ("minmax", "ema", "histogram")
 HISTOGRAM_METHODS = ("entropy", "percentile", "mse")
@@ -123,19 +123,93 @@ class QuantSpec:
         return dataclasses.replace(self, **changes)
 
 
+KMEANS_INITS = ("linear", "density", "kmeans++")
+KMEANS_GRADS = ("sum", "mean")
+PACKED_LABEL_BITS = (1, 2, 4, 8)
+
+
+@dataclass(frozen=True)
+class KMeansSpec:
+    """Weights clustered by k-means (Deep Compression): a codebook of ``2^bits`` float centroids per
+    tensor (or per output channel) and one label per weight. The centroids are trained through their
+    own gradient (the sum, or mean, of the gradients of the weights in their cluster); the labels stay
+    fixed unless ``reassign_every`` is set.
+
+    Attributes:
+        bits: label width, 1..8 (``k = 2^bits`` centroids). Converted layers store labels packed at the
+            next width of 1, 2, 4 or 8 bits (``storage_bits``).
+        per_channel: one codebook per output channel instead of one per weight tensor.
+        init: centroid initialisation of :func:`qext.kmeans`: "linear" (evenly spaced over [min, max],
+            the Deep Compression choice), "density" (evenly spaced quantiles) or "kmeans++".
+        iters: Lloyd iterations of the initial clustering.
+        seed: seed of the "kmeans++" initialisation.
+        grad: "sum" (Deep Compression) or "mean" (divided by the cluster size) centroid gradient.
+        reassign_every: None keeps the labels fixed. An integer n keeps the float weights as well, trains
+            them with the straight-through gradient, and every n training steps moves each weight to the
+            label of its nearest centroid.
+    """
+
+    bits: int = 4
+    per_channel: bool = False
+    init: str = "linear"
+    iters: int = 30
+    seed: int = 0
+    grad: str = "sum"
+    reassign_every: Optional[int] = None
+
+    def __post_init__(self):
+        def bad(msg: str):
+            raise ValueError(f"KMeansSpec: {msg}")
+
+        if not _is_int(self.bits) or not 1 <= self.bits <= 8:
+            bad(f"bits must be an integer in 1..8, got {self.bits!r}")
+        if not isinstance(self.per_channel, bool):
+            bad(f"per_channel must be a bool, got {self.per_channel!r}")
+        if self.init not in KMEANS_INITS:
+            bad(f"init must be one of {', '.join(map(repr, KMEANS_INITS))}, got {self.init!r}")
+        if not _is_int(self.iters) or self.iters < 0:
+            bad(f"iters must be a non-negative integer, got {self.iters!r}")
+        if not _is_int(self.seed):
+            bad(f"seed must be an integer, got {self.seed!r}")
+        if self.grad not in KMEANS_GRADS:
+            bad(f"grad must be one of {', '.join(map(repr, KMEANS_GRADS))}, got {self.grad!r}")
+        if self.reassign_every is not None and (not _is_int(self.reassign_every) or self.reassign_every < 1):
+            bad(f"reassign_every must be None or a positive integer, got {self.reassign_every!r}")
+
+    @property
+    def k(self) -> int:
+        return 1 << self.bits
+
+    @property
+    def storage_bits(self) -> int:
+        """Bits per stored label: the smallest of 1, 2, 4, 8 that holds ``bits``."""
+        return next(b for b in PACKED_LABEL_BITS if b >= self.bits)
+
+    def replace(self, **changes) -> "KMeansSpec":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
 @dataclass(frozen=True)
 class QConfig:
     """Quantization of a module: its output activations and its weights. ``None`` leaves that
-    tensor in floating point."""
+    tensor in floating point. Weights may also be clustered (:class:`KMeansSpec`)."""
 
     activation: Optional[QuantSpec] = None
-    weight: Optional[QuantSpec] = None
+    weight: Optional[Union[QuantSpec, KMeansSpec]] = None
 
     def __post_init__(self):
-        for name in ("activation", "weight"):
-            v = getattr(self, name)
-            if v is not None and not isinstance(v, QuantSpec):
-                raise TypeError(f"QConfig: {name} must be a QuantSpec or None, got {type(v).__name__}")
+        if self.activation is not None and not isinstance(self.activation, QuantSpec):
+            raise TypeError(f"QConfig: activation must be a QuantSpec or None, got {type(self.activation).__name__}")
+        if self.weight is not None and not isinstance(self.weight, (QuantSpec, KMeansSpec)):
+            raise TypeError(
+                f"QConfig: weight must be a QuantSpec, a KMeansSpec or None, got {type(self.weight).__name__}"
+            )
+
+    @property
+    def kmeans(self) -> bool:
+        """Whether the weights are k-means clustered."""
+        return isinstance(self.weight, KMeansSpec)
 
 
 def _presets() -> Dict[str, QConfig]:
@@ -153,6 +227,8 @@ def _presets() -> Dict[str, QConfig]:
             activation=QuantSpec(bits=4, signed=False, symmetric=False, observer="minmax", learnable=True),
             weight=QuantSpec(bits=4, signed=True, symmetric=True, axis=0, observer="minmax", learnable=True),
         ),
+        # k-means weight clustering (Deep Compression): one codebook per tensor, float activations
+        **{f"kmeans{b}": QConfig(weight=KMeansSpec(bits=b)) for b in (8, 4, 2)},
         # post-training quantization: histogram (KL entropy) calibrated uint8 activations
         "int8_histogram": QConfig(
             activation=QuantSpec(bits=8, signed=False, symmetric=False, observer="histogram",
@@ -166,7 +242,8 @@ QCONFIG_PRESETS: Dict[str, QConfig] = _presets()
 
 
 def get_qconfig(name: str) -> QConfig:
-    """A named preset: "int8", "int8_per_tensor", "int8_avx2", "int4_lsq", "int8_histogram"."""
+    """A named preset: "int8", "int8_per_tensor", "int8_avx2", "int4_lsq", "int8_histogram", and the
+    k-means presets "kmeans8", "kmeans4", "kmeans2"."""
     try:
         return QCONFIG_PRESETS[name]
     except (KeyError, TypeError):
@@ -175,7 +252,7 @@ def get_qconfig(name: str) -> QConfig:
         ) from None
 
 
-__all__ = ["QuantSpec", "QConfig", "get_qconfig", "QCONFIG_PRESETS", "OBSERVERS", "HISTOGRAM_METHODS"]
+__all__ = ["KMeansSpec", "QuantSpec", "QConfig", "get_qconfig", "QCONFIG_PRESETS", "OBSERVERS", "HISTOGRAM_METHODS"]
 
 
 class SpecShortcuts:

@@ -31,6 +31,7 @@ from torch import nn
 from .nn import _utils
 from .nn import quantized as nnq
 from .nn.fused import FUSED_TYPES, FusedConvBn2d, FusedConvBnReLU2d, FusedConvReLU2d, FusedLinearReLU
+from .nn.kmeans import KMEANS_MODULES, KMeansConv2d, KMeansLinear
 from .nn.qat import (
     QAT_MODULES,
     AdaptiveAvgPool2d,
@@ -119,6 +120,10 @@ _FUSE_PATTERNS = (
 )
 
 
+# Every module type that prepare_qat / prepare make.
+_QAT_TYPES = QAT_MODULES + KMEANS_MODULES
+
+
 def _qat_target(mod: nn.Module):
     """The QAT class a float module becomes, or None."""
     t = type(mod)
@@ -128,7 +133,7 @@ def _qat_target(mod: nn.Module):
 
 
 def _is_qext_module(mod: nn.Module) -> bool:
-    return isinstance(mod, QAT_MODULES) or isinstance(mod, nnq.QUANTIZED_MODULES)
+    return isinstance(mod, _QAT_TYPES) or isinstance(mod, nnq.QUANTIZED_MODULES)
 
 
 def _resolve_qconfig(qconfig):
@@ -261,6 +266,40 @@ def _type_override(mod: nn.Module, by_type: dict):
     return False, None
 
 
+# QAT class of a float module -> (k-means class, ReLU fused)
+_KMEANS_SWAP = {
+    QLinear: (KMeansLinear, False),
+    LinearReLU: (KMeansLinear, True),
+    QConv2d: (KMeansConv2d, False),
+    ConvReLU2d: (KMeansConv2d, True),
+    ConvBn2d: (KMeansConv2d, False),
+    ConvBnReLU2d: (KMeansConv2d, False),
+}
+
+
+def _make_kmeans(mod: nn.Module, qc, cls, who: str) -> nn.Module:
+    """The k-means module for a float Linear / Conv2d or a fused container. A Conv-BN(-ReLU) container
+    becomes ``Sequential(KMeansConv2d, its BatchNorm2d[, its ReLU])``: the codebook clusters the
+    convolution's own weights and the batch norm keeps training in float (folding it first would give
+    every output channel its own weight scale, which one shared codebook fits badly)."""
+    kmeans_cls, relu = _KMEANS_SWAP[cls]
+    parts = list(mod) if isinstance(mod, nn.Sequential) else [mod]
+    if cls in (ConvBn2d, ConvBnReLU2d):
+        if qc.activation is not None:
+            raise ValueError(
+                f"{who}: k-means weights with activation quantization on a fused Conv-BN ({type(mod).__name__}) "
+                f"are not supported (the output quantizer would sit before the batch norm); fuse only "
+                f"Conv-ReLU / Linear-ReLU, or use a qconfig without an activation spec"
+            )
+        return nn.Sequential(kmeans_cls.from_float(parts[0], qc), *parts[1:])
+    return kmeans_cls.from_float(parts[0], qc, relu=relu)
+
+
+def _kept_float_by_kmeans(mod: nn.Module, qc) -> bool:
+    """Batch norms stay float by design under a k-means qconfig (k-means clusters weight matrices)."""
+    return getattr(qc, "kmeans", False) and isinstance(mod, nn.modules.batchnorm._BatchNorm)
+
+
 def _swap_for_qat(model: nn.Module, qconfig, overrides, freeze_bn_step, who: str) -> nn.Module:
     by_name, by_type = _split_overrides(model, overrides, who)
     root_dev = next((t.device for t in list(model.parameters()) + list(model.buffers())), None)
@@ -273,6 +312,8 @@ def _swap_for_qat(model: nn.Module, qconfig, overrides, freeze_bn_step, who: str
         return qc if found else inherited
 
     def make(mod: nn.Module, qc, cls):
+        if getattr(qc, "kmeans", False) and cls in _KMEANS_SWAP:
+            return _make_kmeans(mod, qc, cls, who)
         if cls in (ConvBn2d, ConvBnReLU2d):
             new = cls.from_float(mod, qc, freeze_bn_step=freeze_bn_step)
         else:
@@ -301,7 +342,7 @@ def _swap_for_qat(model: nn.Module, qconfig, overrides, freeze_bn_step, who: str
             if _is_qext_module(child):
                 continue
             if unsupported_leaf(child):
-                if qc is not None:
+                if qc is not None and not _kept_float_by_kmeans(child, qc):
                     unsupported.setdefault(type(child), []).append(full)
                 continue
             visit(child, full + ".", qc)
@@ -387,7 +428,7 @@ def calibrate(model: nn.Module, batches: Iterable) -> nn.Module:
             n += 1
     if n == 0:
         names = [name for name, m in model.named_modules() if getattr(m, "activation_post_process", None) is not None
-                 and isinstance(m, QAT_MODULES)]
+                 and isinstance(m, _QAT_TYPES)]
         where = f" (the observers of {', '.join(repr(x) for x in names[:3])}{' ...' if len(names) > 3 else ''} saw no data)" if names else ""
         raise ValueError(f"qext.calibrate: no calibration batches were given{where}")
     return model
@@ -490,6 +531,16 @@ def _convert_module(mod: nn.Module, name: str) -> nn.Module:
                              padding=mod.padding, dilation=mod.dilation, groups=mod.groups,
                              padding_mode=mod.padding_mode)
         new.float_bytes = _float_bytes_of(mod)
+    elif isinstance(mod, KMEANS_MODULES):
+        spec = mod.spec
+        args = (mod.centroids.detach(), mod.labels, mod.bias, spec.bits, spec.storage_bits, mod.relu,
+                *_activation_qparams(mod, name))
+        if isinstance(mod, KMeansLinear):
+            new = nnq.KMeansLinear(*args)
+        else:
+            new = nnq.KMeansConv2d(*args, stride=mod.stride, padding=mod.padding, dilation=mod.dilation,
+                                   groups=mod.groups, padding_mode=mod.padding_mode)
+        new.float_bytes = _dense_kmeans_bytes(mod)
     else:  # pragma: no cover - guarded by the caller
         raise TypeError(f"qext.convert: cannot convert {type(mod).__name__}")
     new.qext_name = name
@@ -511,7 +562,7 @@ def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
         model = copy.deepcopy(model)
     model.eval()
     with torch.no_grad():
-        if isinstance(model, QAT_MODULES):
+        if isinstance(model, _QAT_TYPES):
             model = _convert_module(model, "")
         else:
             _convert_children(model, "")
@@ -523,7 +574,7 @@ def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
 def _convert_children(mod: nn.Module, prefix: str) -> None:
     for name, child in list(mod.named_children()):
         full = prefix + name
-        if isinstance(child, QAT_MODULES):
+        if isinstance(child, _QAT_TYPES):
             setattr(mod, name, _convert_module(child, full))
         elif not isinstance(child, nnq.QUANTIZED_MODULES):
             _convert_children(child, full + ".")
@@ -695,10 +746,23 @@ def _quantized_weight_bytes(numel: int, bits: float, n_params: int) -> int:
     return int(math.ceil(numel * bits / 8)) + 8 * n_params
 
 
+def _dense_kmeans_bytes(mod: nn.Module) -> int:
+    """Bytes of the float layer a k-means layer stands for: a float32 weight and bias."""
+    return 4 * mod.labels.numel() + (0 if mod.bias is None else 4 * mod.bias.numel())
+
+
+def _kmeans_bytes(n_labels: int, storage_bits: int, n_centroids: int, bias, out_bytes: int) -> int:
+    """Packed labels, the float32 codebook, a float32 bias and the output scale / zero point."""
+    return int(math.ceil(n_labels * storage_bits / 8)) + 4 * n_centroids + (0 if bias is None else 4 * bias.numel()) + out_bytes
+
+
 def _qat_layer(name: str, mod: nn.Module) -> LayerSize:
     kind = type(mod).__name__
-    fbytes = _float_bytes(mod)
     out_bytes = 8 if getattr(mod, "activation_post_process", None) is not None else 0
+    if isinstance(mod, KMEANS_MODULES):
+        q = _kmeans_bytes(mod.labels.numel(), mod.spec.storage_bits, mod.centroids.numel(), mod.bias, out_bytes)
+        return LayerSize(name, kind, _dense_kmeans_bytes(mod), q, mod.spec.bits)
+    fbytes = _float_bytes(mod)
     if isinstance(mod, (QLinear, QConv2d, ConvBn2d)):
         w = mod.weight
         n_bias = w.shape[0] if isinstance(mod, ConvBn2d) else (0 if mod.bias is None else mod.bias.numel())
@@ -723,6 +787,11 @@ def _converted_layer(name: str, mod: nn.Module) -> Optional[LayerSize]:
         f = getattr(mod, "float_bytes", inner.weight.numel() * 4 + b)
         return LayerSize(name, kind, f, q + b, inner.weight_bits)
     out_bytes = 8 if getattr(mod, "scale", None) is not None else 0
+    if isinstance(mod, nnq.KMEANS_QUANTIZED_MODULES):
+        n = math.prod(mod.weight_shape)
+        q = _kmeans_bytes(n, mod.storage_bits, mod.centroids.numel(), mod.bias, out_bytes)
+        f = getattr(mod, "float_bytes", 4 * n + (0 if mod.bias is None else 4 * mod.bias.numel()))
+        return LayerSize(name, kind, f, q, mod.bits)
     if isinstance(mod, (nnq.Linear, nnq.Conv2d)):
         b = 0 if mod.bias is None else 4 * mod.bias.numel()
         if mod.weight_quantized:
@@ -742,7 +811,9 @@ def model_size(model: nn.Module) -> ModelSize:
     the QAT layer it came from, e.g. conv + batch norm). Quantized bytes: integer weights at their bit
     width (int8: 1 byte per element, 4-bit: half a byte), plus a float32 scale and an int32 zero point per
     weight group (channel or tensor), the bias (int32 / float32: 4 bytes per element; the folded bias for
-    Conv-BN), and 8 bytes (scale, zero point) per quantized output. Works on float models (every layer
+    Conv-BN), and 8 bytes (scale, zero point) per quantized output. K-means layers count exactly what
+    their converted form stores: labels packed at 1, 2, 4 or 8 bits (``KMeansSpec.storage_bits``), the
+    float32 codebook and bias (their float bytes: the dense float32 weight and bias). Works on float models (every layer
     unquantized: quantized bytes = float bytes), QAT / prepared models (what convert will store) and
     converted or dynamically quantized models (what they store). Fake-quantizer / observer state is not
     counted. Layers left in float count their float bytes on both sides.
@@ -750,7 +821,7 @@ def model_size(model: nn.Module) -> ModelSize:
     result = ModelSize()
 
     def visit(mod: nn.Module, name: str):
-        if isinstance(mod, QAT_MODULES):
+        if isinstance(mod, _QAT_TYPES):
             if isinstance(mod, DeQuantStub):
                 return
             layer = _qat_layer(name, mod)

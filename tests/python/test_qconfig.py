@@ -7,7 +7,7 @@ import pytest
 
 from qext.fake_quant import FakeQuantize
 from qext.observer import HistogramObserver, MinMaxObserver, MovingAverageMinMaxObserver, make_observer
-from qext.qconfig import QConfig, QuantSpec, get_qconfig
+from qext.qconfig import KMeansSpec, QConfig, QuantSpec, get_qconfig
 
 
 @pytest.mark.parametrize(
@@ -118,8 +118,10 @@ def test_bad_spec_through_replace_and_observer_kwargs():
 def test_qconfig_types():
     assert QConfig() == QConfig(activation=None, weight=None)
     QConfig(activation=QuantSpec(), weight=None)
-    with pytest.raises(TypeError, match="QConfig: weight must be a QuantSpec or None, got int"):
+    with pytest.raises(TypeError, match="QConfig: weight must be a QuantSpec, a KMeansSpec or None, got int"):
         QConfig(activation=None, weight=8)
+    with pytest.raises(TypeError, match="QConfig: activation must be a QuantSpec or None, got KMeansSpec"):
+        QConfig(activation=KMeansSpec())
     with pytest.raises(TypeError, match="spec must be a QuantSpec"):
         FakeQuantize({"bits": 8})
 

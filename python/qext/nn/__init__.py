@@ -2,6 +2,7 @@
 and (``qext.nn.quantized``) the converted integer modules."""
 
 from . import quantized
+from .kmeans import KMeansConv2d, KMeansLinear
 from .fused import FusedConvBn2d, FusedConvBnReLU2d, FusedConvReLU2d, FusedLinearReLU
 from .qat import (
     AdaptiveAvgPool2d,
@@ -28,6 +29,8 @@ __all__ = [
     "FusedConvBnReLU2d",
     "FusedConvReLU2d",
     "FusedLinearReLU",
+    "KMeansConv2d",
+    "KMeansLinear",
     "LinearReLU",
     "QAdd",
     "QConv2d",

@@ -1,7 +1,8 @@
 """Converted integer modules (made by :func:`qext.convert` and :func:`qext.quantize_dynamic`)."""
 
+from .kmeans import KMEANS_QUANTIZED_MODULES, KMeansConv2d, KMeansLinear
 from .modules import (
-    QUANTIZED_MODULES,
+    QUANTIZED_MODULES as _INTEGER_MODULES,
     AdaptiveAvgPool2d,
     AvgPool2d,
     Conv2d,
@@ -12,12 +13,17 @@ from .modules import (
     Quantize,
 )
 
+QUANTIZED_MODULES = _INTEGER_MODULES + KMEANS_QUANTIZED_MODULES
+
 __all__ = [
     "AdaptiveAvgPool2d",
     "AvgPool2d",
     "Conv2d",
     "DeQuantize",
     "DynamicLinear",
+    "KMEANS_QUANTIZED_MODULES",
+    "KMeansConv2d",
+    "KMeansLinear",
     "Linear",
     "QAdd",
     "Quantize",

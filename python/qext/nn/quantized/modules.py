@@ -413,16 +413,14 @@ class Linear(_WeightedBase):
         return f"in_features={self.in_features}, out_features={self.out_features}, " + super().extra_repr()
 
 
-class Conv2d(_WeightedBase):
-    """Converted ``Conv2d`` / ``ConvReLU2d`` / ``ConvBn2d`` / ``ConvBnReLU2d`` (BN folded in)."""
+class ConvGeometry:
+    """Stride, padding (with its mode), dilation and groups of a converted convolution, and the float
+    convolution that applies them."""
 
-    def __init__(self, weight, bias, w_scale, w_zero_point, w_quant_min, w_quant_max, w_axis,
-                 scale=None, zero_point=None, quant_min=None, quant_max=None, relu: bool = False,
-                 stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups: int = 1, padding_mode: str = "zeros"):
-        super().__init__()
-        self.in_channels = int(weight.shape[1]) * int(groups)
-        self.out_channels = int(weight.shape[0])
-        self.kernel_size = tuple(weight.shape[2:])
+    def _init_geometry(self, weight_shape, stride, padding, dilation, groups, padding_mode: str) -> None:
+        self.in_channels = int(weight_shape[1]) * int(groups)
+        self.out_channels = int(weight_shape[0])
+        self.kernel_size = tuple(int(k) for k in weight_shape[2:])
         self.stride, self.dilation, self.groups = tuple(stride), tuple(dilation), int(groups)
         self.padding = padding if isinstance(padding, str) else tuple(padding)
         self.padding_mode = padding_mode
@@ -430,15 +428,31 @@ class Conv2d(_WeightedBase):
             if isinstance(self.padding, str):
                 raise ValueError(f"padding={self.padding!r} with padding_mode={padding_mode!r} is not supported")
             self._reversed_padding_repeated_twice = [p for p in reversed(self.padding) for _ in range(2)]
-        self._init_weight(weight, bias, w_scale, w_zero_point, w_quant_min, w_quant_max, w_axis, relu)
-        self._init_output(scale, zero_point, quant_min, quant_max)
-        self._init_kernel()
 
     def _conv(self, x, w, b):
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             return F.conv2d(x, w, b, self.stride, 0, self.dilation, self.groups)
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+
+    def _geometry_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}"
+        )
+
+
+class Conv2d(ConvGeometry, _WeightedBase):
+    """Converted ``Conv2d`` / ``ConvReLU2d`` / ``ConvBn2d`` / ``ConvBnReLU2d`` (BN folded in)."""
+
+    def __init__(self, weight, bias, w_scale, w_zero_point, w_quant_min, w_quant_max, w_axis,
+                 scale=None, zero_point=None, quant_min=None, quant_max=None, relu: bool = False,
+                 stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups: int = 1, padding_mode: str = "zeros"):
+        super().__init__()
+        self._init_geometry(weight.shape, stride, padding, dilation, groups, padding_mode)
+        self._init_weight(weight, bias, w_scale, w_zero_point, w_quant_min, w_quant_max, w_axis, relu)
+        self._init_output(scale, zero_point, quant_min, quant_max)
+        self._init_kernel()
 
     def _groups(self) -> int:
         return self.groups
@@ -464,10 +478,7 @@ class Conv2d(_WeightedBase):
         return t.reshape(1, -1, 1, 1)
 
     def extra_repr(self) -> str:
-        return (
-            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-            f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, " + super().extra_repr()
-        )
+        return self._geometry_repr() + ", " + super().extra_repr()
 
 
 # --------------------------------------------------------------------------------------------------
