@@ -6,8 +6,12 @@
 #include "qext/ops/fake_quantize.h"
 #include "qext/ops/fake_quantize_learnable.h"
 #include "qext/ops/fake_quantize_observe.h"
+#include "qext/ops/kmeans.h"
+#include "qext/ops/kmeans_codebook.h"
+#include "qext/ops/kmeans_lut.h"
 #include "qext/ops/observe.h"
 #include "qext/ops/quantize.h"
+#include "qext/ops/quantized_layers.h"
 
 namespace qext {
 

@@ -159,28 +159,28 @@ class KmeansLutSimd : public ::testing::TestWithParam<SimdPath> {
 
 TEST(KmeansLutFormat, BitsAndSizes) {
   for (int64_t bits = -1; bits <= 9; ++bits) {
-    EXPECT_EQ(lut_bits_supported(bits), bits == 1 || bits == 2 || bits == 4 || bits == 8) << bits;
+    EXPECT_EQ(is_label_bits(bits), bits == 1 || bits == 2 || bits == 4 || bits == 8) << bits;
   }
-  EXPECT_EQ(lut_packed_bytes(0, 4), 0);
-  EXPECT_EQ(lut_packed_bytes(5, 2), 2);
-  EXPECT_EQ(lut_packed_bytes(9, 1), 2);
-  EXPECT_EQ(lut_packed_bytes(3, 4), 2);
-  EXPECT_EQ(lut_packed_bytes(3, 8), 3);
+  EXPECT_EQ(packed_labels_bytes(0, 4), 0);
+  EXPECT_EQ(packed_labels_bytes(5, 2), 2);
+  EXPECT_EQ(packed_labels_bytes(9, 1), 2);
+  EXPECT_EQ(packed_labels_bytes(3, 4), 2);
+  EXPECT_EQ(packed_labels_bytes(3, 8), 3);
 }
 
 TEST(KmeansLutFormat, ReadsHandPackedBytes) {
   // bits = 2, labels {1, 2, 3, 0, 2}: byte 0 = 1 | 2 << 2 | 3 << 4 | 0 << 6 = 0x39, byte 1 = 2.
   const uint8_t two[] = {0x39, 0x02};
   const int want2[] = {1, 2, 3, 0, 2};
-  for (int i = 0; i < 5; ++i) EXPECT_EQ(lut_read_label(two, i, 2), want2[i]) << i;
+  for (int i = 0; i < 5; ++i) EXPECT_EQ(read_packed_label(two, i, 2), want2[i]) << i;
   // bits = 4, labels {0xA, 0x3, 0xF}: bytes 0x3A, 0x0F. bits = 1: 0b10110001 -> 1,0,0,0,1,1,0,1.
   const uint8_t four[] = {0x3A, 0x0F};
-  EXPECT_EQ(lut_read_label(four, 0, 4), 0xA);
-  EXPECT_EQ(lut_read_label(four, 1, 4), 0x3);
-  EXPECT_EQ(lut_read_label(four, 2, 4), 0xF);
+  EXPECT_EQ(read_packed_label(four, 0, 4), 0xA);
+  EXPECT_EQ(read_packed_label(four, 1, 4), 0x3);
+  EXPECT_EQ(read_packed_label(four, 2, 4), 0xF);
   const uint8_t one[] = {0xB1};
   const int want1[] = {1, 0, 0, 0, 1, 1, 0, 1};
-  for (int i = 0; i < 8; ++i) EXPECT_EQ(lut_read_label(one, i, 1), want1[i]) << i;
+  for (int i = 0; i < 8; ++i) EXPECT_EQ(read_packed_label(one, i, 1), want1[i]) << i;
   EXPECT_EQ(pack({1, 2, 3, 0, 2}, 2), (std::vector<uint8_t>{0x39, 0x02}));
 }
 

@@ -23,18 +23,14 @@
 
 #include <cstdint>
 
+#include "qext/kernels/packed_labels.h"
+
 namespace qext::kernels {
 
 constexpr int64_t kLutLanes = 16;
 
-// 1, 2, 4 or 8.
-bool lut_bits_supported(int64_t bits);
-
-// ceil(numel * bits / 8): the bytes of numel packed labels.
-int64_t lut_packed_bytes(int64_t numel, int64_t bits);
-
-// Label i of a packed stream.
-inline int lut_read_label(const uint8_t* packed, int64_t i, int bits) {
+// Label i of a packed stream (the format of packed_labels.h).
+inline int read_packed_label(const uint8_t* packed, int64_t i, int bits) {
   const int64_t per_byte = 8 / bits;
   const int shift = static_cast<int>(i % per_byte) * bits;
   return (packed[i / per_byte] >> shift) & ((1 << bits) - 1);
@@ -51,7 +47,7 @@ int64_t find_label_at_least(const uint8_t* packed, int64_t begin, int64_t end, i
 // packed labels and a codebook. Every label must be < k (check with max_label_* first): the
 // kernels index the codebook with the labels as they are.
 struct LutWeight {
-  const uint8_t* labels;   // lut_packed_bytes(rows * cols, bits) bytes
+  const uint8_t* labels;   // packed_labels_bytes(rows * cols, bits) bytes
   int bits;                // 1, 2, 4 or 8
   const float* centroids;  // [k], or [rows][k] when per_channel
   int64_t k;               // 1 <= k <= 2^bits

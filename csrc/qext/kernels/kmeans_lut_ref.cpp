@@ -15,20 +15,16 @@ bool lut_cpu_has_avx512() {
   return supported;
 }
 
-bool lut_bits_supported(int64_t bits) { return bits == 1 || bits == 2 || bits == 4 || bits == 8; }
-
-int64_t lut_packed_bytes(int64_t numel, int64_t bits) { return (numel * bits + 7) / 8; }
-
 int max_label_ref(const uint8_t* packed, int64_t begin, int64_t end, int bits) {
   int best = 0;
-  for (int64_t i = begin; i < end; ++i) best = std::max(best, lut_read_label(packed, i, bits));
+  for (int64_t i = begin; i < end; ++i) best = std::max(best, read_packed_label(packed, i, bits));
   return best;
 }
 
 int64_t find_label_at_least(const uint8_t* packed, int64_t begin, int64_t end, int bits,
                             int64_t k) {
   for (int64_t i = begin; i < end; ++i) {
-    if (lut_read_label(packed, i, bits) >= k) return i;
+    if (read_packed_label(packed, i, bits) >= k) return i;
   }
   return -1;
 }
@@ -38,7 +34,7 @@ void lut_decode_rows_ref(const LutWeight& w, int64_t r0, int64_t r1, float* out,
     const float* codebook = w.codebook(r);
     float* dst = out + (r - r0) * ld;
     for (int64_t j = 0; j < w.cols; ++j) {
-      dst[j] = codebook[lut_read_label(w.labels, r * w.cols + j, w.bits)];
+      dst[j] = codebook[read_packed_label(w.labels, r * w.cols + j, w.bits)];
     }
   }
 }

@@ -30,7 +30,7 @@ inline float reduce_halves(__m256 t) {
 template <int kGroup, int kBits, typename RowLut, typename Group>
 void decode_rows_by_groups(const LutWeight& w, int64_t r0, int64_t r1, float* out, int64_t ld,
                            const Group& group) {
-  const int64_t nbytes = lut_packed_bytes(w.rows * w.cols, kBits);
+  const int64_t nbytes = packed_labels_bytes(w.rows * w.cols, kBits);
   const int64_t last_group =
       (nbytes - 16) * 8 / kBits;  // groups starting past it read past the end
   auto run = [&](auto aligned) {
@@ -41,7 +41,7 @@ void decode_rows_by_groups(const LutWeight& w, int64_t r0, int64_t r1, float* ou
       float* dst = out + (r - r0) * ld;
       int64_t j = 0;
       for (; j < groups_end; j += kGroup) group(lut, e0 + j, dst + j, aligned);
-      for (; j < w.cols; ++j) dst[j] = lut.codebook[lut_read_label(w.labels, e0 + j, kBits)];
+      for (; j < w.cols; ++j) dst[j] = lut.codebook[read_packed_label(w.labels, e0 + j, kBits)];
     }
   };
   if (w.cols * kBits % 8 == 0) {

@@ -12,8 +12,7 @@ kernels::LutWeight LutWeightArgs::view() const {
 LutWeightArgs check_lut_weight(const at::Tensor& packed_labels, const at::Tensor& centroids,
                                int64_t bits, at::IntArrayRef weight_shape, int64_t dims,
                                const char* op) {
-  TORCH_CHECK_VALUE(kernels::lut_bits_supported(bits), op, ": bits must be 1, 2, 4 or 8, got ",
-                    bits);
+  TORCH_CHECK_VALUE(kernels::is_label_bits(bits), op, ": bits must be 1, 2, 4 or 8, got ", bits);
   if (dims > 0) {
     TORCH_CHECK_VALUE(static_cast<int64_t>(weight_shape.size()) == dims, op, ": weight_shape must ",
                       "have ", dims, " sizes, got ", weight_shape);
@@ -37,7 +36,7 @@ LutWeightArgs check_lut_weight(const at::Tensor& packed_labels, const at::Tensor
                    ": packed_labels must be uint8, got ", packed_labels.scalar_type());
   TORCH_CHECK_VALUE(packed_labels.dim() == 1, op, ": packed_labels must be 1-D, got shape ",
                     packed_labels.sizes());
-  const int64_t bytes = kernels::lut_packed_bytes(numel, bits);
+  const int64_t bytes = kernels::packed_labels_bytes(numel, bits);
   TORCH_CHECK_VALUE(packed_labels.numel() == bytes, op, ": packed_labels has ",
                     packed_labels.numel(), " bytes, but weight_shape ", weight_shape, " at ", bits,
                     " bits needs ceil(", numel, " * ", bits, " / 8) = ", bytes);
@@ -107,8 +106,8 @@ void throw_label_out_of_range(const at::Tensor& cpu_labels, const LutWeightArgs&
   const int64_t i = kernels::find_label_at_least(p, 0, w.numel(), w.bits, w.k);
   TORCH_INTERNAL_ASSERT(i >= 0, op, ": no label >= k to report");
   TORCH_CHECK_INDEX(false, op, ": packed_labels holds label ",
-                    kernels::lut_read_label(p, i, w.bits), " at element ", i, " (row ", i / w.cols,
-                    ", column ", i % w.cols, "), but centroids has only k = ", w.k,
+                    kernels::read_packed_label(p, i, w.bits), " at element ", i, " (row ",
+                    i / w.cols, ", column ", i % w.cols, "), but centroids has only k = ", w.k,
                     " entries (labels must be < k)");
 }
 
