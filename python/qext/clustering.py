@@ -37,9 +37,10 @@ def kmeans(
     ``axis`` (centroids ``[C, k]``), else one for the tensor (``[k]``). Centroids are sorted ascending and
     have the weight's dtype; labels are uint8 of the weight's shape, each the nearest centroid (ties to
     the lower one). ``init``: "linear" (evenly spaced over [min, max]), "density" (evenly spaced
-    quantiles) or "kmeans++" (seeded by ``seed``); then at most ``iters`` exact Lloyd iterations (on the
-    sorted values, so each costs O(k log n) rather than O(n k)). Deterministic: the same input and seed
-    give the same result on every run, thread count and device.
+    quantiles) or "kmeans++" (seeded by ``seed``); then at most ``iters`` exact Lloyd iterations, each
+    k lookups in a lazily split radix index of the values (not O(n k) distance computations).
+    Deterministic: the same input and seed give the same result on every run, thread count and device.
+    The weight is clustered as data: no gradient flows through the clustering.
     """
     if (bits is None) == (k is None):
         raise ValueError(f"qext.kmeans: give exactly one of bits and k, got bits={bits!r} and k={k!r}")
@@ -53,7 +54,7 @@ def kmeans(
         raise ValueError(f"qext.kmeans: init must be one of {', '.join(map(repr, KMEANS_INITS))}, got {init!r}")
     if not isinstance(per_channel, bool):
         raise TypeError(f"qext.kmeans: per_channel must be a bool, got {per_channel!r}")
-    return torch.ops.qext.kmeans(weight, k, axis if per_channel else None, init, iters, seed)
+    return torch.ops.qext.kmeans(weight.detach(), k, axis if per_channel else None, init, iters, seed)
 
 
 def kmeans_dequantize(
