@@ -15,6 +15,9 @@ both (``--threads``, set explicitly; default 1).
          iterations that fit and its time is extrapolated linearly to ``--iters`` iterations (each iteration does
          the same work); the table says so.
 
+"qext CPU s" is the process's CPU time per call (user + system, all threads): on a shared machine the wall time
+also holds the time the call waited for a core.
+
 SSE (sum of squared errors of the weight against its centroid, float64) is compared after the same number of
 iterations: the plain loop's iterations and a qext call with that max_iters. "ratio" is plain / qext time
 (> 1: qext is faster). Targets (issue 5): k = 16 in <= 0.3 s, k = 256 in <= 1 s on one core.
@@ -114,11 +117,12 @@ def main() -> None:
     for k in (int(s) for s in args.ks.split(",")):
         run = lambda iters=args.iters: torch.ops.qext.kmeans(w, k, None, "linear", iters, 0)  # noqa: E731
         run()  # warm-up
-        times = []
+        times, cpu = [], []
         for _ in range(args.reps):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             c, labels = run()
             times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
         q = statistics.median(times)
         all_iters = not torch.equal(c, run(args.iters - 1)[0])
         pc, plabels, done, pt, cut = plain_lloyd(x, linear_init(w, k), args.iters, args.plain_budget)
@@ -129,6 +133,7 @@ def main() -> None:
             "k": k,
             "qext s (median)": f"{q:.3f}",
             "qext min..max": f"{min(times):.3f}..{max(times):.3f}",
+            "qext CPU s (median)": f"{statistics.median(cpu):.3f}",
             "qext ran all iterations": "yes" if all_iters else "no (converged)",
             "plain s": f"{plain_time:.1f}" + (f" (extrapolated from {done} it.)" if cut else ""),
             "ratio plain/qext": f"{plain_time / q:.0f}x",
