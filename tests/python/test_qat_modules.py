@@ -303,6 +303,53 @@ def test_convbn_momentum_none_cumulative_average():
     torch.testing.assert_close(m.bn.running_var, float_model[1].running_var, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_unfold_batch_norm_equals_batch_norm_of_the_unfolded_output(bias):
+    # float64 and a large eps: the factor gradient is proportional to eps, so a wrong closed form shows
+    from qext.nn.qat import _UnfoldBatchNorm
+
+    torch.manual_seed(0)
+    c, eps = 5, 0.5
+    y = (torch.randn(6, c, 4, 4, dtype=torch.float64) * 2 + 1).requires_grad_()
+    factor = (torch.rand(c, dtype=torch.float64) + 0.5) * torch.tensor([1.0, -1, 1, 1, -1], dtype=torch.float64)
+    factor.requires_grad_()
+    b = torch.randn(c, dtype=torch.float64, requires_grad=True) if bias else None
+    gamma = torch.randn(c, dtype=torch.float64, requires_grad=True)
+    beta = torch.randn(c, dtype=torch.float64, requires_grad=True)
+    stats_ref = (torch.randn(c, dtype=torch.float64), torch.rand(c, dtype=torch.float64) + 0.5)
+    stats = tuple(t.clone() for t in stats_ref)
+    x = y / factor.reshape(1, -1, 1, 1)
+    if bias:
+        x = x + b.reshape(1, -1, 1, 1)
+    ref = F.batch_norm(x, *stats_ref, gamma, beta, True, 0.1, eps)
+    out = _UnfoldBatchNorm.apply(y, factor, b, gamma, beta, *stats, 0.1, eps)
+    assert torch.equal(out, ref)  # the same forward, bit for bit
+    assert torch.equal(stats[0], stats_ref[0]) and torch.equal(stats[1], stats_ref[1])
+    g = torch.randn_like(ref)
+    inputs = [y, factor, gamma, beta] + ([b] if bias else [])
+    for got, want in zip(torch.autograd.grad(out, inputs, g), torch.autograd.grad(ref, inputs, g)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_convbn_float64_large_eps_equals_unfused_conv_bn():
+    conv, bn = _conv_bn(bias=True)
+    bn.eps = 0.5
+    with torch.no_grad():
+        bn.weight[::3].neg_()  # negative gamma: a negative folding factor
+    conv, bn = conv.double(), bn.double()
+    float_model = nn.Sequential(copy.deepcopy(conv), copy.deepcopy(bn))
+    m = qnn.ConvBn2d.from_float(qnn.FusedConvBn2d(conv, bn), QConfig(activation=None, weight=None))
+    for _ in range(2):
+        x = torch.randn(3, 4, 5, 5, dtype=torch.float64)
+        g = torch.randn(3, 8, 5, 5, dtype=torch.float64)
+        m(x).backward(g)
+        float_model(x).backward(g)
+        for ours, ref in ((m.weight, float_model[0].weight), (m.bias, float_model[0].bias),
+                          (m.bn.weight, float_model[1].weight), (m.bn.bias, float_model[1].bias)):
+            torch.testing.assert_close(ours.grad, ref.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(m.bn.running_var, float_model[1].running_var, rtol=1e-12, atol=0)
+
+
 def test_convbn_single_value_per_channel_is_an_error():
     m = qnn.ConvBn2d.from_float(qnn.FusedConvBn2d(*_conv_bn()), QC_W)
     with pytest.raises(ValueError, match="more than 1 value per channel"):

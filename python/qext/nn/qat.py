@@ -231,6 +231,42 @@ class ConvReLU2d(QConv2d):
 # --------------------------------------------------------------------------------------------------
 
 
+class _UnfoldBatchNorm(torch.autograd.Function):
+    """``batch_norm(y / factor + bias)`` with batch statistics, updating the running ones: ConvBn2d's
+    batch-statistics phase. Dividing the conv output ``y`` (folded weights) by the folding factor gives
+    what the unfused conv would (up to the weight quantization); the native batch norm then computes
+    Krishnamoorthi's correction ``y * sigma / sigma_B + beta + (b - mu_B) * gamma / sigma_B``.
+
+    The forward is ``F.batch_norm``'s, bit for bit (the C++ ConvBn2d computes the same). The backward
+    needs no full-size pass beyond the batch norm's own: its input gradient with weight
+    ``gamma / factor`` is already the gradient of ``y``, and with ``x = y / factor + bias`` normalised
+    by its batch statistics, ``sum(g_x) = 0`` and ``sum(g_x * x) = gamma * grad_gamma * eps * invstd^2``
+    (sums over all but the channel dimension), so ``grad_bias = 0`` and
+    ``grad_factor = -sum(g_x * (x - bias)) / factor = -gamma * grad_gamma * eps * invstd^2 / factor``."""
+
+    @staticmethod
+    def forward(ctx, y, factor, bias, gamma, beta, running_mean, running_var, momentum, eps):
+        x = y / factor.reshape(1, -1, 1, 1)
+        if bias is not None:
+            x.add_(bias.reshape(1, -1, 1, 1))
+        out, save_mean, save_invstd = torch.native_batch_norm(x, gamma, beta, running_mean, running_var, True,
+                                                              momentum, eps)
+        ctx.save_for_backward(x, factor, gamma, save_mean, save_invstd)
+        ctx.eps = eps
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        x, factor, gamma, save_mean, save_invstd = ctx.saved_tensors
+        grad_y, grad_gamma, grad_beta = torch.ops.aten.native_batch_norm_backward(
+            grad_out, x, gamma / factor, None, None, save_mean, save_invstd, True, ctx.eps, [True, True, True])
+        grad_factor = -(gamma * grad_gamma * ctx.eps) * save_invstd.square() / factor
+        grad_bias = torch.zeros_like(factor) if ctx.has_bias else None
+        return grad_y, grad_factor, grad_bias, grad_gamma, grad_beta, None, None, None, None
+
+
 class ConvBn2d(_QATMixin, nn.Conv2d):
     """Fused ``Conv2d`` + ``BatchNorm2d`` with the batch norm folded into the weights (see the module doc).
 
@@ -332,16 +368,11 @@ class ConvBn2d(_QATMixin, nn.Conv2d):
                 f"{type(self).__name__}: expected more than 1 value per channel when training with batch "
                 f"statistics, got input of shape {list(x.shape)}"
             )
-        # Undo the folding factor (what the unfused conv would give, up to the weight quantization) and
-        # let the native batch norm normalise with the batch statistics and update the running ones:
-        # out = y * sigma / sigma_B + beta + (b - mu_B) * gamma / sigma_B (Krishnamoorthi's correction).
-        y_orig = y / factor.reshape(1, -1, 1, 1)
-        if self.bias is not None:
-            y_orig = y_orig + self.bias.reshape(1, -1, 1, 1)
         with torch.no_grad():
             bn.num_batches_tracked += 1
         momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-        return F.batch_norm(y_orig, bn.running_mean, bn.running_var, gamma, beta, True, momentum, bn.eps)
+        return _UnfoldBatchNorm.apply(y, factor, self.bias, gamma, beta, bn.running_mean, bn.running_var, momentum,
+                                      bn.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._conv_bn(x)
