@@ -39,6 +39,8 @@ from pathlib import Path
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+from bench_int8_cpu import table  # noqa: E402  (one Markdown table for the CPU benchmarks)
 
 try:
     import qext  # noqa: F401  (registers torch.ops.qext)
@@ -92,12 +94,6 @@ def sse(x: torch.Tensor, c: torch.Tensor, labels: torch.Tensor) -> float:
     return float(((x.double() - c.double()[labels.long()]) ** 2).sum())
 
 
-def table(rows: list, columns: list) -> str:
-    out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    out += ["| " + " | ".join(str(r.get(c, "")) for c in columns) + " |" for r in rows]
-    return "\n".join(out)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=1)
@@ -144,9 +140,9 @@ def main() -> None:
             "target s": TARGETS.get(k, ""),
         }
         result["rows"].append(row)
-        print(table([row], list(row)), flush=True)
+        print(table(f"k = {row['k']}", [row], list(row)), flush=True)
     print(f"\nthreads={args.threads}, torch {torch.__version__}, {w.numel()} float32 values, {args.iters} iterations\n")
-    print(table(result["rows"], list(result["rows"][0])))
+    print(table("qext.kmeans vs a plain Lloyd loop", result["rows"], list(result["rows"][0])))
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(result, f, indent=2)
