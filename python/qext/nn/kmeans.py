@@ -83,8 +83,10 @@ class _KMeansMixin(_QATMixin):
         if not self.training:
             return
         n = self.spec.reassign_every
-        if n is not None and int(self.training_steps) > 0 and int(self.training_steps) % n == 0:
-            self.reassign()
+        if n is not None:
+            steps = int(self.training_steps)  # reads the counter once (a device sync on CUDA)
+            if steps > 0 and steps % n == 0:
+                self.reassign()
         self.training_steps += 1
 
     def _finish(self, y: torch.Tensor) -> torch.Tensor:
