@@ -311,6 +311,151 @@ TEST(ConvGemm, Im2colPlusGemmEqualsDirectConvolution) {
   }
 }
 
+// Stride-1 geometry for the implicit-GEMM path (make_geometry varies stride and dilation per axis).
+Conv2dGeometry stride1_geometry(int64_t batch, int64_t cin, int64_t h, int64_t w, int64_t cout,
+                                int64_t kh, int64_t kw, int64_t pad_h, int64_t pad_w,
+                                int64_t dilation_h) {
+  Conv2dGeometry g = make_geometry(batch, cin, h, w, cout, kh, kw, 1, 0, 1, 1);
+  g.stride_w = 1;
+  g.pad_h = pad_h;
+  g.pad_w = pad_w;
+  g.dilation_h = dilation_h;
+  g.out_h = out_size(h, kh, 1, pad_h, dilation_h);
+  g.out_w = out_size(w, kw, 1, pad_w, 1);
+  return g;
+}
+
+// conv2d_implicit_u8s8 over all images, output rows in calls of `chunk` rows; NCHW output.
+std::vector<uint8_t> implicit_conv(const QuantConv& q, int64_t chunk) {
+  const Conv2dGeometry& g = q.g;
+  const int64_t k = g.group_k(), spans_k = g.kernel_h * conv_span_bytes(g);
+  std::vector<int8_t> wg(static_cast<size_t>(g.out_channels * k));
+  conv_weight_to_gemm(q.w.data(), g, 0, wg.data());
+  std::vector<int8_t> packed(packed_weight_bytes(g.out_channels, k));
+  std::vector<int32_t> row_sums(static_cast<size_t>(g.out_channels));
+  pack_weight(wg.data(), g.out_channels, k, k, packed.data(), row_sums.data());
+  std::vector<int8_t> spans(packed_weight_bytes(g.out_channels, spans_k), 0x55);
+  pack_conv_weight_spans(packed.data(), g, spans.data());
+  RequantEpilogue ep{};
+  ep.row_sums = row_sums.data();
+  ep.a_zero_point = q.x_zero_point + (q.signed_input ? 128 : 0);
+  ep.bias = q.bias.empty() ? nullptr : q.bias.data();
+  ep.multiplier = q.mult.data();
+  ep.out_zero_point = q.out_zero_point;
+  ep.out_min = q.out_min;
+  ep.out_max = q.out_max;
+  std::vector<uint8_t> nhwc(static_cast<size_t>(g.batch * g.out_h * g.out_w * g.out_channels),
+                            0xEE);
+  for (int64_t n = 0; n < g.batch; ++n) {
+    for (int64_t oh0 = 0; oh0 < g.out_h; oh0 += chunk) {
+      conv2d_implicit_u8s8(q.x.data(), g, spans.data(), ep, n, oh0, std::min(g.out_h, oh0 + chunk),
+                           static_cast<uint8_t>(q.x_zero_point), q.signed_input ? 0x80 : 0,
+                           nhwc.data());
+    }
+  }
+  std::vector<uint8_t> y(nhwc.size());
+  const int64_t hw = g.out_h * g.out_w;
+  for (int64_t n = 0; n < g.batch; ++n) {
+    for (int64_t p = 0; p < hw; ++p) {
+      for (int64_t o = 0; o < g.out_channels; ++o) {
+        y[(n * g.out_channels + o) * hw + p] = nhwc[(n * hw + p) * g.out_channels + o];
+      }
+    }
+  }
+  return y;
+}
+
+TEST(ConvImplicit, SpanPaddedWeightLayout) {
+  // 5 output channels, 3x3 kernel over 3 channels: kernel rows of 9 bytes padded to 64.
+  const Conv2dGeometry g = stride1_geometry(1, 3, 6, 6, 5, 3, 3, 1, 1, 1);
+  ASSERT_EQ(conv_span_bytes(g), 64);
+  const int64_t k = g.group_k();
+  std::vector<int8_t> wg(static_cast<size_t>(5 * k));
+  for (size_t i = 0; i < wg.size(); ++i) wg[i] = static_cast<int8_t>(i % 251 - 125);
+  std::vector<int8_t> packed(packed_weight_bytes(5, k));
+  std::vector<int32_t> sums(5);
+  pack_weight(wg.data(), 5, k, k, packed.data(), sums.data());
+  std::vector<int8_t> spans(packed_weight_bytes(5, 3 * 64), 0x55);
+  pack_conv_weight_spans(packed.data(), g, spans.data());
+  // Unpacked by hand (qgemm.h layout): W'[n][kh * 64 + b] is W[n][kh * 9 + b] for b < 9, else 0.
+  for (int64_t n = 0; n < 16; ++n) {
+    for (int64_t kk = 0; kk < 3 * 64; ++kk) {
+      const int64_t kh = kk / 64, b = kk % 64;
+      const int8_t expected = (n < 5 && b < 9) ? wg[n * k + kh * 9 + b] : 0;
+      ASSERT_EQ(spans[(kk / 4) * 64 + n * 4 + kk % 4], expected) << "n " << n << " k " << kk;
+    }
+  }
+  // A row already a multiple of 64 bytes: the same bytes.
+  const Conv2dGeometry g64 = stride1_geometry(1, 64, 4, 4, 16, 3, 1, 0, 0, 1);
+  const int64_t k64 = g64.group_k();
+  std::vector<int8_t> w64(static_cast<size_t>(16 * k64), 3), p64(packed_weight_bytes(16, k64)),
+      s64(packed_weight_bytes(16, k64));
+  std::vector<int32_t> sums64(16);
+  pack_weight(w64.data(), 16, k64, k64, p64.data(), sums64.data());
+  pack_conv_weight_spans(p64.data(), g64, s64.data());
+  EXPECT_EQ(s64, p64);
+}
+
+TEST(ConvImplicit, AmxEqualsDirectConvolution) {
+  if (!isa_supported(Isa::kAmx)) GTEST_SKIP() << "no AMX";
+  std::mt19937 rng(3);
+  struct Case {
+    int64_t batch, cin, h, w, cout, kh, kw, pad_h, pad_w, dilation_h, chunk;
+  };
+  const Case cases[] = {
+      {2, 1, 28, 28, 32, 3, 3, 0, 0, 1, 26}, {1, 3, 9, 8, 5, 3, 3, 1, 1, 1, 2},
+      {2, 32, 13, 13, 64, 3, 3, 0, 0, 1, 4}, {1, 64, 12, 11, 64, 3, 3, 1, 1, 1, 5},
+      {1, 16, 7, 9, 40, 5, 5, 2, 2, 1, 3},   {1, 80, 6, 7, 100, 2, 3, 1, 0, 2, 1},
+      {3, 20, 5, 6, 33, 1, 1, 0, 0, 1, 5},   {1, 8, 17, 3, 16, 3, 1, 1, 0, 2, 7},
+      {1, 128, 4, 4, 24, 3, 3, 1, 1, 1, 4},  {1, 7, 40, 40, 9, 3, 3, 1, 1, 1, 40},
+  };
+  for (const Case& c : cases) {
+    const Conv2dGeometry g = stride1_geometry(c.batch, c.cin, c.h, c.w, c.cout, c.kh, c.kw, c.pad_h,
+                                              c.pad_w, c.dilation_h);
+    ASSERT_TRUE(conv_implicit_supported(g));
+    for (const bool signed_input : {false, true}) {
+      SCOPED_TRACE(::testing::Message() << "cin " << c.cin << " cout " << c.cout << " k " << c.kh
+                                        << "x" << c.kw << " pad " << c.pad_h << "," << c.pad_w
+                                        << " dil_h " << c.dilation_h << " int8 " << signed_input);
+      const QuantConv q = random_conv(g, /*channels_last=*/true, signed_input, rng);
+      const std::vector<uint8_t> expected = direct_conv(q);
+      EXPECT_EQ(implicit_conv(q, c.chunk), expected);
+      EXPECT_GT(std::set<uint8_t>(expected.begin(), expected.end()).size(), 8u);
+    }
+  }
+}
+
+TEST(ConvImplicit, ExtremeLevelsAndRejections) {
+  if (!isa_supported(Isa::kAmx)) GTEST_SKIP() << "no AMX";
+  std::mt19937 rng(4);
+  const Conv2dGeometry g = stride1_geometry(1, 64, 10, 10, 32, 3, 3, 1, 1, 1);
+  QuantConv q = random_conv(g, true, false, rng);
+  // 255 inputs against -128 weights, zero point 0: the largest sums the exactness bound allows.
+  std::fill(q.x.begin(), q.x.end(), 255);
+  std::fill(q.w.begin(), q.w.end(), -128);
+  q.x_zero_point = 0;
+  EXPECT_EQ(implicit_conv(q, 3), direct_conv(q));
+  std::fill(q.w.begin(), q.w.end(), 127);
+  EXPECT_EQ(implicit_conv(q, 10), direct_conv(q));
+
+  std::vector<uint8_t> x(10 * 10 * 64), y(10 * 10 * 32);
+  std::vector<int8_t> w(packed_weight_bytes(32, 3 * 192));
+  std::vector<int32_t> sums(32);
+  std::vector<FixedPointMultiplier> mult(32, FixedPointMultiplier{1 << 30, 0, 0});
+  const RequantEpilogue ep{sums.data(), 0, nullptr, mult.data(), 0, 0, 255};
+  Conv2dGeometry strided = g;
+  strided.stride_h = 2;
+  EXPECT_FALSE(conv_implicit_supported(strided));
+  EXPECT_THROW(conv2d_implicit_u8s8(x.data(), strided, w.data(), ep, 0, 0, 1, 0, 0, y.data()),
+               std::invalid_argument);
+  EXPECT_THROW(conv2d_implicit_u8s8(x.data(), g, w.data(), ep, 0, 0, 11, 0, 0, y.data()),
+               std::invalid_argument);
+  std::vector<FixedPointMultiplier> bad(32, FixedPointMultiplier{5, 0, 0});
+  const RequantEpilogue bad_ep{sums.data(), 0, nullptr, bad.data(), 0, 0, 255};
+  EXPECT_THROW(conv2d_implicit_u8s8(x.data(), g, w.data(), bad_ep, 0, 0, 1, 0, 0, y.data()),
+               std::invalid_argument);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Depthwise
 // ---------------------------------------------------------------------------------------------

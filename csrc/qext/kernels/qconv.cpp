@@ -3,26 +3,17 @@
 
 #include <algorithm>
 #include <cstring>
+#include <stdexcept>
 #include <vector>
 
 #include "qext/kernels/qconv_isa.h"
+#include "qext/kernels/qgemm_isa.h"
 
 namespace qext::kernels {
 
 int64_t Conv2dGeometry::group_k() const { return kernel_h * kernel_w * (in_channels / groups); }
 
-namespace {
-
-// Copies n bytes with every byte XORed with flip (a plain memcpy when flip is 0).
-inline void copy_flip(uint8_t* dst, const uint8_t* src, int64_t n, uint8_t flip) {
-  if (flip == 0) {
-    std::memcpy(dst, src, static_cast<size_t>(n));
-  } else {
-    for (int64_t i = 0; i < n; ++i) dst[i] = src[i] ^ flip;
-  }
-}
-
-}  // namespace
+using detail::copy_flip;
 
 void im2col_u8(const uint8_t* x, const int64_t s[4], const Conv2dGeometry& g, int64_t group,
                int64_t p0, int64_t rows, uint8_t pad_value, uint8_t flip, uint8_t* out,
@@ -149,6 +140,84 @@ void depthwise_conv2d_u8s8(Isa isa, const uint8_t* x, const Conv2dGeometry& g, c
   } else {
     detail::depthwise_conv2d_avx2(x, g, w_hwc, ep, n, oh0, oh1, y);
   }
+}
+
+bool conv_implicit_supported(const Conv2dGeometry& g) {
+  return g.groups == 1 && g.stride_h == 1 && g.stride_w == 1 && g.dilation_w == 1;
+}
+
+int64_t conv_span_bytes(const Conv2dGeometry& g) {
+  return packed_k(g.kernel_w * (g.in_channels / g.groups));
+}
+
+void pack_conv_weight_spans(const int8_t* packed, const Conv2dGeometry& g, int8_t* out) {
+  const int64_t N = g.out_channels, K = g.group_k(), row = g.kernel_w * g.in_channels;
+  const int64_t span = conv_span_bytes(g), K_spans = g.kernel_h * span;
+  if (row == span) {
+    std::memcpy(out, packed, packed_weight_bytes(N, K));
+    return;
+  }
+  // Byte of W[n][k] in the packed layout (qgemm.h): block n / 16, group k / 4, lane 4 (n % 16) + k
+  // % 4.
+  auto at = [](int64_t n, int64_t k, int64_t K_total) {
+    return static_cast<int64_t>(packed_block_offset(n / kPackN * kPackN, K_total)) +
+           (k / 4) * 4 * kPackN + (n % kPackN) * 4 + k % 4;
+  };
+  std::memset(out, 0, packed_weight_bytes(N, K_spans));
+  const int64_t blocks = (N + kPackN - 1) / kPackN;
+  for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
+    if (row % 4 == 0) {  // whole 4-k groups of all 16 columns of a block move as 64 bytes
+      for (int64_t b = 0; b < blocks; ++b) {
+        for (int64_t k = 0; k < row; k += 4) {
+          std::memcpy(out + at(b * kPackN, kh * span + k, K_spans),
+                      packed + at(b * kPackN, kh * row + k, K), 4 * kPackN);
+        }
+      }
+      continue;
+    }
+    for (int64_t n = 0; n < blocks * kPackN; ++n) {
+      for (int64_t k = 0; k < row; ++k) {
+        out[at(n, kh * span + k, K_spans)] = packed[at(n, kh * row + k, K)];
+      }
+    }
+  }
+}
+
+namespace {
+
+template <typename Epilogue, typename Out>
+void conv2d_implicit(const uint8_t* x, const Conv2dGeometry& g, const int8_t* packed_spans,
+                     const Epilogue& ep, int64_t n, int64_t oh0, int64_t oh1, uint8_t pad_value,
+                     uint8_t flip, Out* y) {
+  if (!conv_implicit_supported(g)) {
+    throw std::invalid_argument("conv2d_implicit_u8s8: needs stride 1, dilation_w 1 and one group");
+  }
+  if (!isa_supported(Isa::kAmx)) {
+    throw std::invalid_argument("conv2d_implicit_u8s8: AMX is not available on this CPU");
+  }
+  if (oh0 < 0 || oh1 > g.out_h || n < 0 || n >= g.batch) {
+    throw std::invalid_argument("conv2d_implicit_u8s8: rows or image out of range");
+  }
+  if (oh0 >= oh1 || g.out_w <= 0 || g.out_channels <= 0) return;
+  if (x == nullptr || packed_spans == nullptr || y == nullptr) {
+    throw std::invalid_argument("conv2d_implicit_u8s8: null x, packed_spans or y");
+  }
+  detail::check_epilogue(ep, g.out_channels, "conv2d_implicit_u8s8");
+  detail::conv2d_implicit_amx(x, g, packed_spans, ep, n, oh0, oh1, pad_value, flip, y);
+}
+
+}  // namespace
+
+void conv2d_implicit_u8s8(const uint8_t* x, const Conv2dGeometry& g, const int8_t* packed_spans,
+                          const RequantEpilogue& ep, int64_t n, int64_t oh0, int64_t oh1,
+                          uint8_t pad_value, uint8_t flip, uint8_t* y) {
+  conv2d_implicit(x, g, packed_spans, ep, n, oh0, oh1, pad_value, flip, y);
+}
+
+void conv2d_implicit_u8s8(const uint8_t* x, const Conv2dGeometry& g, const int8_t* packed_spans,
+                          const FloatEpilogue& ep, int64_t n, int64_t oh0, int64_t oh1,
+                          uint8_t pad_value, uint8_t flip, float* y) {
+  conv2d_implicit(x, g, packed_spans, ep, n, oh0, oh1, pad_value, flip, y);
 }
 
 }  // namespace qext::kernels

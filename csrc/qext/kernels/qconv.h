@@ -5,6 +5,8 @@
 // taps) for a GEMM to pay off, so it has its own direct kernel with the same numerics as the
 // lowered form.
 //
+// With AMX, a stride-1 convolution skips im2col altogether (conv2d_implicit_u8s8 below).
+//
 // Raw pointers in and out, no threads: the caller splits the work (rows, images, output rows) and
 // runs the pieces in parallel.
 #pragma once
@@ -43,6 +45,44 @@ void im2col_u8(const uint8_t* x, const int64_t s[4], const Conv2dGeometry& g, in
 // weight [out_channels/groups][group_k()] in the (kh, kw, c) order of im2col_u8 (row n is the
 // output channel group * out_channels / groups + n), ready for pack_weight.
 void conv_weight_to_gemm(const int8_t* w, const Conv2dGeometry& g, int64_t group, int8_t* out);
+
+// ---------------------------------------------------------------------------------------------
+// Implicit-GEMM convolution (AMX): the GEMM of im2col_u8 + qgemm_u8s8 without the im2col copy.
+// The input rows that output rows [oh0, oh1) of image n need are copied once, zero-padded (pad =
+// the zero point) and flipped, into a per-thread buffer of padded width Wp = in_w + 2 pad_w. There
+// the kernel_w taps of kernel row kh of output pixel (oh, ow) are kernel_w * C contiguous bytes at
+// ((v + kh * dilation_h * Wp) * C), v = (oh - oh0) * Wp + ow: a fixed offset from the "virtual
+// pixel" v, so A tiles (16 consecutive v, rows C bytes apart) load straight from the buffer. The
+// v with ow >= out_w are computed and dropped (out_w / Wp of the tile work is used).
+// Each kernel row's kernel_w * C weight bytes are padded to conv_span_bytes(g), a multiple of 64,
+// so that no 64-byte k block straddles two kernel rows; the A bytes facing the zero weights of
+// that padding are real (neighbouring) input levels and contribute nothing.
+// ---------------------------------------------------------------------------------------------
+
+// Whether conv2d_implicit_u8s8 handles g: stride 1, dilation_w 1, one group.
+bool conv_implicit_supported(const Conv2dGeometry& g);
+
+// kernel_w * in_channels rounded up to a multiple of kPackK: the bytes of one kernel row in the
+// weight of conv2d_implicit_u8s8, whose GEMM K is kernel_h * conv_span_bytes(g).
+int64_t conv_span_bytes(const Conv2dGeometry& g);
+
+// The weight of conv2d_implicit_u8s8 from the packed GEMM weight of conv_weight_to_gemm +
+// pack_weight (K = group_k()): the same bytes with each kernel row zero-padded to
+// conv_span_bytes(g). out holds packed_weight_bytes(out_channels, kernel_h * conv_span_bytes(g)).
+// When kernel_w * in_channels is already a multiple of kPackK the two layouts are the same bytes.
+void pack_conv_weight_spans(const int8_t* packed, const Conv2dGeometry& g, int8_t* out);
+
+// Output rows [oh0, oh1) of image n, written channels-last y[((n * out_h + oh) * out_w + ow) *
+// out_channels + o], bit-identical to im2col_u8 (same pad_value / flip) + qgemm_u8s8 on the packed
+// GEMM weight with the same epilogue. x is channels-last: x[((n * in_h + h) * in_w + w) *
+// in_channels + c]. Needs conv_implicit_supported(g) and isa_supported(Isa::kAmx) (throws
+// std::invalid_argument otherwise); packed_spans from pack_conv_weight_spans.
+void conv2d_implicit_u8s8(const uint8_t* x, const Conv2dGeometry& g, const int8_t* packed_spans,
+                          const RequantEpilogue& ep, int64_t n, int64_t oh0, int64_t oh1,
+                          uint8_t pad_value, uint8_t flip, uint8_t* y);
+void conv2d_implicit_u8s8(const uint8_t* x, const Conv2dGeometry& g, const int8_t* packed_spans,
+                          const FloatEpilogue& ep, int64_t n, int64_t oh0, int64_t oh1,
+                          uint8_t pad_value, uint8_t flip, float* y);
 
 // Depthwise convolution (groups == in_channels == out_channels), channels-last uint8 input
 // x[((n * in_h + h) * in_w + w) * C + c] (levels already uint8: flip applied by caller if needed),

@@ -1,10 +1,11 @@
 // Per-ISA entry points behind the convolution and elementwise kernels (qconv.h, qelementwise.h).
-// The AVX2 ones live in qconv_avx2.cpp, compiled with -mavx2 -mfma (CMakeLists.txt), and are called
-// only when isa_supported(Isa::kAvx2) says so.
+// The AVX2 ones live in qconv_avx2.cpp, compiled with -mavx2 -mfma, the AMX one in qconv_amx.cpp
+// (CMakeLists.txt); each is called only when isa_supported() says its ISA runs here.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 
 #include "qext/kernels/qconv.h"
 #include "qext/kernels/qelementwise.h"
@@ -24,6 +25,15 @@ inline void valid_taps(int64_t start, int64_t dilation, int64_t kernel, int64_t 
   *hi = h;
 }
 
+// Copies n bytes with every byte XORed with flip (a plain memcpy when flip is 0).
+inline void copy_flip(uint8_t* dst, const uint8_t* src, int64_t n, uint8_t flip) {
+  if (flip == 0) {
+    std::memcpy(dst, src, static_cast<size_t>(n));
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = src[i] ^ flip;
+  }
+}
+
 // The scalar references (qconv.cpp, qelementwise.cpp).
 void depthwise_conv2d_scalar(const uint8_t* x, const Conv2dGeometry& g, const int8_t* w_hwc,
                              const RequantEpilogue& ep, int64_t n, int64_t oh0, int64_t oh1,
@@ -38,5 +48,13 @@ void depthwise_conv2d_avx2(const uint8_t* x, const Conv2dGeometry& g, const int8
                            uint8_t* y);
 void add_u8_avx2(const uint8_t* a, const uint8_t* b, int64_t n, const AddParams& p, uint8_t* out,
                  uint8_t a_flip, uint8_t b_flip, uint8_t out_flip);
+
+// AMX (qconv_amx.cpp), behind conv2d_implicit_u8s8.
+void conv2d_implicit_amx(const uint8_t* x, const Conv2dGeometry& g, const int8_t* packed_spans,
+                         const RequantEpilogue& ep, int64_t n, int64_t oh0, int64_t oh1,
+                         uint8_t pad_value, uint8_t flip, uint8_t* y);
+void conv2d_implicit_amx(const uint8_t* x, const Conv2dGeometry& g, const int8_t* packed_spans,
+                         const FloatEpilogue& ep, int64_t n, int64_t oh0, int64_t oh1,
+                         uint8_t pad_value, uint8_t flip, float* y);
 
 }  // namespace qext::kernels::detail

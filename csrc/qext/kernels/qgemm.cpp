@@ -117,9 +117,10 @@ bool cpu_amx() {
          __builtin_cpu_supports("amx-int8") && detail::amx_enable();
 }
 
-[[noreturn]] void invalid(const std::string& what) {
-  throw std::invalid_argument("qext::kernels::qgemm_u8s8: " + what);
+[[noreturn]] void invalid(const char* caller, const std::string& what) {
+  throw std::invalid_argument(std::string("qext::kernels::") + caller + ": " + what);
 }
+[[noreturn]] void invalid(const std::string& what) { invalid("qgemm_u8s8", what); }
 
 // Checks shared by both epilogues; true when there is anything to compute.
 bool check_common(Isa isa, int64_t M, int64_t N, int64_t K, const uint8_t* a, int64_t lda,
@@ -197,10 +198,11 @@ const char* isa_name(Isa isa) {
   return "unknown";
 }
 
-void qgemm_u8s8(Isa isa, int64_t M, int64_t N, int64_t K, const uint8_t* a, int64_t lda,
-                const int8_t* packed_w, const RequantEpilogue& ep, uint8_t* c, int64_t ldc) {
-  if (!check_common(isa, M, N, K, a, lda, packed_w, c, ldc, ep.row_sums)) return;
-  if (ep.multiplier == nullptr) invalid("null multiplier");
+namespace detail {
+
+void check_epilogue(const RequantEpilogue& ep, int64_t N, const char* caller) {
+  if (ep.row_sums == nullptr) invalid(caller, "null row_sums");
+  if (ep.multiplier == nullptr) invalid(caller, "null multiplier");
   // A branch-free scan first (it runs on every call, M = 1 ones included), then the culprit.
   bool all_valid = true;
   for (int64_t n = 0; n < N; ++n) {
@@ -209,28 +211,42 @@ void qgemm_u8s8(Isa isa, int64_t M, int64_t N, int64_t K, const uint8_t* a, int6
   }
   for (int64_t n = 0; !all_valid && n < N; ++n) {
     if (!is_valid_multiplier(ep.multiplier[n])) {
-      invalid("multiplier[" + std::to_string(n) + "] = {" +
-              std::to_string(ep.multiplier[n].multiplier) + ", " +
-              std::to_string(ep.multiplier[n].exponent) +
-              "} is not in [2^30, 2^31) x 2^([-31, 30] - 31)");
+      invalid(caller, "multiplier[" + std::to_string(n) + "] = {" +
+                          std::to_string(ep.multiplier[n].multiplier) + ", " +
+                          std::to_string(ep.multiplier[n].exponent) +
+                          "} is not in [2^30, 2^31) x 2^([-31, 30] - 31)");
     }
   }
   if (ep.out_min > ep.out_max) {
-    invalid("out_min=" + std::to_string(ep.out_min) + " > out_max=" + std::to_string(ep.out_max));
+    invalid(caller,
+            "out_min=" + std::to_string(ep.out_min) + " > out_max=" + std::to_string(ep.out_max));
   }
   const int64_t lo = int64_t{ep.out_min} - ep.out_zero_point;
   const int64_t hi = int64_t{ep.out_max} - ep.out_zero_point;
   if (lo < std::numeric_limits<int32_t>::min() || hi > std::numeric_limits<int32_t>::max()) {
-    invalid("out_min / out_max minus out_zero_point=" + std::to_string(ep.out_zero_point) +
-            " overflow int32");
+    invalid(caller, "out_min / out_max minus out_zero_point=" + std::to_string(ep.out_zero_point) +
+                        " overflow int32");
   }
+}
+
+void check_epilogue(const FloatEpilogue& ep, int64_t /*N*/, const char* caller) {
+  if (ep.row_sums == nullptr) invalid(caller, "null row_sums");
+  if (ep.scale == nullptr) invalid(caller, "null scale");
+}
+
+}  // namespace detail
+
+void qgemm_u8s8(Isa isa, int64_t M, int64_t N, int64_t K, const uint8_t* a, int64_t lda,
+                const int8_t* packed_w, const RequantEpilogue& ep, uint8_t* c, int64_t ldc) {
+  if (!check_common(isa, M, N, K, a, lda, packed_w, c, ldc, ep.row_sums)) return;
+  detail::check_epilogue(ep, N, "qgemm_u8s8");
   dispatch(isa, M, N, K, a, lda, packed_w, ep, c, ldc);
 }
 
 void qgemm_u8s8(Isa isa, int64_t M, int64_t N, int64_t K, const uint8_t* a, int64_t lda,
                 const int8_t* packed_w, const FloatEpilogue& ep, float* c, int64_t ldc) {
   if (!check_common(isa, M, N, K, a, lda, packed_w, c, ldc, ep.row_sums)) return;
-  if (ep.scale == nullptr) invalid("null scale");
+  detail::check_epilogue(ep, N, "qgemm_u8s8");
   dispatch(isa, M, N, K, a, lda, packed_w, ep, c, ldc);
 }
 

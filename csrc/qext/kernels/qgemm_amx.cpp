@@ -1,12 +1,10 @@
 // AMX-INT8 path of the integer GEMM (qgemm.h). Compiled with AVX-512 + -mamx-tile -mamx-int8 (see
 // CMakeLists.txt); reached only when amx_enable() says the CPU and the OS allow tiles.
 //
-// Eight 16 x 64-byte tile registers: tmm0..3 hold a 2 x 2 grid of int32 C tiles (a 32 x 32 block),
-// tmm4/5 two A tiles (16 rows x 64 k each), tmm6/7 two B tiles. One B tile is 16 groups of the
-// packed weight (16 columns x 64 k, stride 64 bytes), so B is read straight from packed_w. A is
-// copied into tile order (zero-padded in k to packed_k(K) and in rows to a multiple of 32: nothing
-// past A's rows is read), except for small N with K a multiple of 64, where full 32-row panels are
-// read in place.
+// Tiles as in amx_tiles.h (a 32 x 32 int32 block of C per pass, B read straight from packed_w). A
+// is copied into tile order (zero-padded in k to packed_k(K) and in rows to a multiple of 32:
+// nothing past A's rows is read), except for small N with K a multiple of 64, where full 32-row
+// panels are read in place.
 //
 // Loop order: A is taken a chunk of up to 256 rows at a time (its packed panels stay in L2); for
 // each 32-column stripe of the weight (which stays in L1) the chunk's 32-row panels go through the
@@ -19,47 +17,20 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
-#include <memory>
-#include <new>
 
 #if defined(__linux__)
 #include <sys/syscall.h>
 #include <unistd.h>
 #endif
 
+#include "qext/kernels/amx_tiles.h"
 #include "qext/kernels/qgemm_isa.h"
 
 namespace qext::kernels::detail {
 namespace {
 
-constexpr int kTileRows = 16;      // rows of every tile used here
-constexpr int kTileRowBytes = 64;  // bytes per tile row
-constexpr int64_t kTileBytes = kTileRows * kTileRowBytes;
-constexpr int64_t kBlockM = 2 * kTileRows;  // rows of C per block (two A tiles)
-constexpr int64_t kBlockN = 2 * kPackN;     // columns of C per block (two B tiles)
-
-// Palette-1 tile configuration (the 64-byte memory operand of ldtilecfg).
-struct alignas(64) TileConfig {
-  uint8_t palette_id;
-  uint8_t start_row;
-  uint8_t reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
-static_assert(sizeof(TileConfig) == 64, "ldtilecfg reads 64 bytes");
-
-// All eight tiles are 16 rows x 64 bytes (C tiles: 16 x 16 int32).
-void configure_tiles() {
-  TileConfig cfg{};
-  cfg.palette_id = 1;
-  for (int t = 0; t < 8; ++t) {
-    cfg.colsb[t] = kTileRowBytes;
-    cfg.rows[t] = kTileRows;
-  }
-  _tile_loadconfig(&cfg);
-}
+using namespace amx;  // NOLINT(google-build-using-namespace): the shared tile helpers
 
 // CPUID / XCR0: AMX-TILE and AMX-INT8, the OS manages the tile state (XCR0 bits 17, 18), and
 // palette 1 has at least eight 16 x 64-byte tiles.
@@ -77,23 +48,6 @@ bool cpu_has_amx_int8() {
   __cpuid_count(0x1d, 1, eax, ebx, ecx, edx);
   const unsigned bytes_per_row = ebx & 0xffff, max_names = ebx >> 16, max_rows = ecx & 0xffff;
   return bytes_per_row >= kTileRowBytes && max_names >= 8 && max_rows >= kTileRows;
-}
-
-// The per-thread work buffer (packed A, int32 scratch, aligned copies of the weight), 64-byte
-// aligned; grows as needed and is kept for the thread's next call.
-uint8_t* work_buffer(size_t bytes) {
-  struct Buffer {
-    std::unique_ptr<uint8_t, decltype(&std::free)> data{nullptr, &std::free};
-    size_t size = 0;
-  };
-  thread_local Buffer buffer;
-  if (buffer.size < bytes) {
-    void* p = std::aligned_alloc(64, bytes);  // bytes is a multiple of 64
-    if (p == nullptr) throw std::bad_alloc();
-    buffer.data.reset(static_cast<uint8_t*>(p));
-    buffer.size = bytes;
-  }
-  return buffer.data.get();
 }
 
 // Copies rows [0, rows) (rows <= 32) of A into the panel buffer: k block kb of tile t (rows
@@ -155,65 +109,6 @@ class RowPrefetcher {
   const uint8_t* a_;
   int64_t lda_, K_, row_ = 0, end_ = 0, offset_ = 0, per_step_ = 0;
 };
-
-// Tiles 0..3 = A panel x two 16-column blocks of the packed weight (b0 and b0 + b_block_bytes), raw
-// int32 sums: tile 0 rows 0..15 x columns 0..15, tile 1 columns 16..31, tiles 2 / 3 rows 16..31.
-// kTwoRows / kTwoCols: whether the second A tile / B tile holds anything (else tiles 2, 3 / 1, 3
-// are left alone). Only issues the tile instructions (and the prefetches): the tile unit works
-// through them while the core goes on with other work.
-template <bool kTwoRows, bool kTwoCols>
-inline void compute_block(const PanelA& pa, const int8_t* b0, int64_t b_block_bytes,
-                          int64_t kblocks, RowPrefetcher& prefetcher) {
-  const int8_t* b1 = b0 + b_block_bytes;
-  _tile_zero(0);
-  if (kTwoCols) _tile_zero(1);
-  if (kTwoRows) _tile_zero(2);
-  if (kTwoRows && kTwoCols) _tile_zero(3);
-  for (int64_t kb = 0; kb < kblocks; ++kb) {
-    const uint8_t* ak = pa.base + kb * pa.kstep;
-    prefetcher.step();
-    _tile_loadd(4, ak, pa.stride);
-    _tile_loadd(6, b0 + kb * kTileBytes, kTileRowBytes);
-    _tile_dpbusd(0, 4, 6);
-    if (kTwoCols) {
-      _tile_loadd(7, b1 + kb * kTileBytes, kTileRowBytes);
-      _tile_dpbusd(1, 4, 7);
-    }
-    if (kTwoRows) {
-      _tile_loadd(5, ak + pa.tile1, pa.stride);
-      _tile_dpbusd(2, 5, 6);
-      if (kTwoCols) _tile_dpbusd(3, 5, 7);
-    }
-  }
-}
-
-// acc (32 x 32 int32, row stride 32) = the tiles written by compute_block<kTwoRows, kTwoCols>.
-template <bool kTwoRows, bool kTwoCols>
-inline void store_block(int32_t* acc) {
-  constexpr int kLdAccBytes = kBlockN * sizeof(int32_t);
-  _tile_stored(0, acc, kLdAccBytes);
-  if (kTwoCols) _tile_stored(1, acc + kPackN, kLdAccBytes);
-  if (kTwoRows) _tile_stored(2, acc + kTileRows * kBlockN, kLdAccBytes);
-  if (kTwoRows && kTwoCols) _tile_stored(3, acc + kTileRows * kBlockN + kPackN, kLdAccBytes);
-}
-
-// The epilogue for columns [n0, ...): every per-column array offset by n0.
-static_assert(sizeof(RequantEpilogue) == 48 && sizeof(FloatEpilogue) == 40,
-              "the epilogue structs changed: shift_columns must offset any new per-column array");
-RequantEpilogue shift_columns(const RequantEpilogue& ep, int64_t n0) {
-  RequantEpilogue out = ep;
-  out.row_sums += n0;
-  if (out.bias) out.bias += n0;
-  out.multiplier += n0;
-  return out;
-}
-FloatEpilogue shift_columns(const FloatEpilogue& ep, int64_t n0) {
-  FloatEpilogue out = ep;
-  out.row_sums += n0;
-  if (out.bias) out.bias += n0;
-  out.scale += n0;
-  return out;
-}
 
 // Packed A per chunk (bytes): a chunk of 32-row panels fills about this much of L2.
 constexpr int64_t kChunkBytes = int64_t{512} << 10;
@@ -314,15 +209,10 @@ void qgemm_amx_impl(int64_t M, int64_t N, int64_t K, const uint8_t* a, int64_t l
           const int64_t next = m0 + (i + 1) * kBlockM;
           prefetcher.start(next, std::min(next + kBlockM, M), kblocks);
         }
-        if (two_rows && two_cols) {
-          compute_block<true, true>(pa, b0, b_block_bytes, kblocks, prefetcher);
-        } else if (two_rows) {
-          compute_block<true, false>(pa, b0, b_block_bytes, kblocks, prefetcher);
-        } else if (two_cols) {
-          compute_block<false, true>(pa, b0, b_block_bytes, kblocks, prefetcher);
-        } else {
-          compute_block<false, false>(pa, b0, b_block_bytes, kblocks, prefetcher);
-        }
+        compute_block(
+            two_rows, two_cols, pa.base, pa.stride, pa.tile1,
+            [&pa](int64_t kb) { return kb * pa.kstep; }, b0, b_block_bytes, kblocks,
+            [&prefetcher] { prefetcher.step(); });
         prefetcher.stop();
         // Core work while the tile unit computes this block: the previous stripe's epilogue
         // (before this stripe's first tile store overwrites the scratch), the next weight stripe's
@@ -338,16 +228,7 @@ void qgemm_amx_impl(int64_t M, int64_t N, int64_t K, const uint8_t* a, int64_t l
             pack_panel(m0 + chunk_rows, next_rows, j, apack[(chunk + 1) & 1]);
           }
         }
-        int32_t* acc = scratch + i * kBlockM * kBlockN;
-        if (two_rows && two_cols) {
-          store_block<true, true>(acc);
-        } else if (two_rows) {
-          store_block<true, false>(acc);
-        } else if (two_cols) {
-          store_block<false, true>(acc);
-        } else {
-          store_block<false, false>(acc);
-        }
+        store_block(two_rows, two_cols, scratch + i * kBlockM * kBlockN);
       }
       pending = {m0, n0, rows, cols};
     }

@@ -4,219 +4,41 @@
 // Exactness: vpdpbusd multiplies u8 x s8 pairs into int32 (no int16 intermediate: each 4-term sum
 // is at most 4 * 255 * 128 in magnitude) and adds them to the int32 accumulator with wrap-around
 // (the saturating form is vpdpbusds, not used), i.e. modulo 2^32 like the reference's uint32 sums.
-// The epilogue (requant16) is the reference's requantize() in 64-bit lanes; the tests compare every
-// path bit for bit.
+// The epilogue (epilogue_avx512.h) is the reference's requantize() in 64-bit lanes; the tests
+// compare every path bit for bit.
 //
 // Blocking: a micro-kernel computes kMr rows x kNb column blocks (16 columns each) over all of K in
 // kMr * kNb zmm accumulators: per packed group (4 k) it loads one zmm of weights per column block
 // (64 bytes = 16 columns x 4 k), broadcasts 4 bytes of each A row and issues kMr * kNb vpdpbusd
 // (2 per cycle on Sapphire Rapids; 24 independent accumulators hide its 5-cycle latency). The sums
-// go to a small stack tile and the epilogue writes C with masked stores (column tails). Column
+// go to a small stack tile and the epilogue (epilogue_avx512.h) writes C with masked stores
+// (column tails). Column
 // panels of kNb blocks are the outer loop (the panel of the packed weight stays in L1/L2 across the
 // row blocks), row blocks the inner one; M and N tails use the smaller instantiations. A is read in
 // place: the last, partial group of K (K % 4 != 0) goes through a zero-padded copy of the 1..3
 // valid bytes, so no byte past a row's end is read.
-// GCC 12's AVX-512 headers trip -Wuninitialized on their own _mm512_undefined_*() after inlining
-// (GCC bug 105593, fixed in 13); the diagnostics are located in the header, so silence them there.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#include <immintrin.h>
-#pragma GCC diagnostic pop
-
 #include <algorithm>
 #include <array>
 #include <cstring>
-#include <limits>
 #include <utility>
 
+#include "qext/kernels/epilogue_avx512.h"
 #include "qext/kernels/qgemm_isa.h"
 
 namespace qext::kernels::detail {
 namespace {
 
-constexpr int kMr = 8;  // rows per micro-kernel
-constexpr int kNb = 3;  // 16-column blocks per micro-kernel
+using avx512::FloatPanel;
+using avx512::RequantPanel;
+
+constexpr int kMr = 8;                     // rows per micro-kernel
+constexpr int kNb = avx512::kPanelBlocks;  // 16-column blocks per micro-kernel
 
 inline uint32_t load_u32(const uint8_t* p) {
   uint32_t v;
   std::memcpy(&v, p, 4);
   return v;
 }
-
-inline __mmask16 column_mask(int64_t valid) {
-  return valid >= 16 ? static_cast<__mmask16>(0xFFFF)
-                     : static_cast<__mmask16>((1u << static_cast<unsigned>(valid)) - 1u);
-}
-
-// Per-column parameters of one 16-column block.
-// The 64-bit lanes (round_*, shift_*) hold the even columns 0, 2, .., 14 (_even) and the odd ones
-// 1, 3, .., 15 (_odd); mult_odd has the odd columns' multipliers in the low dwords.
-struct RequantCols {
-  __m512i corr, mult, mult_odd, lshift;
-  __m512i round_even, round_odd, shift_even, shift_odd;
-  bool any_lshift;  // some column has exponent > 0
-};
-struct FloatCols {
-  __m512i corr;
-  __m512 scale;
-};
-// Per-call constants of the requantization.
-struct RequantConsts {
-  __m512i lo, hi, zp;
-};
-
-// corr[n] = bias[n] - a_zero_point * row_sums[n] modulo 2^32; columns past nv get harmless values.
-inline __m512i correction(const int32_t* row_sums, int32_t a_zero_point, const int32_t* bias,
-                          int64_t n0, int nv) {
-  alignas(64) int32_t out[16];
-  for (int i = 0; i < 16; ++i) {
-    uint32_t v = 0;
-    if (i < nv) {
-      v = 0u - static_cast<uint32_t>(a_zero_point) * static_cast<uint32_t>(row_sums[n0 + i]);
-      if (bias != nullptr) v += static_cast<uint32_t>(bias[n0 + i]);
-    }
-    out[i] = static_cast<int32_t>(v);
-  }
-  return _mm512_load_si512(out);
-}
-
-RequantCols requant_cols(const RequantEpilogue& ep, int64_t n0, int nv) {
-  alignas(64) int32_t mult[16], lsh[16];
-  alignas(64) int64_t round[2][8], shift[2][8];
-  RequantCols c;
-  c.any_lshift = false;
-  for (int i = 0; i < 16; ++i) {
-    const FixedPointMultiplier m =
-        i < nv ? ep.multiplier[n0 + i] : FixedPointMultiplier{1 << 30, 0};
-    const int r = std::max(-m.exponent, 0);
-    mult[i] = m.multiplier;
-    lsh[i] = std::max(m.exponent, 0);
-    c.any_lshift |= lsh[i] > 0;
-    round[i % 2][i / 2] = (int64_t{1} << (30 + r)) + m.offset;
-    shift[i % 2][i / 2] = 31 + r;
-  }
-  c.corr = correction(ep.row_sums, ep.a_zero_point, ep.bias, n0, nv);
-  c.mult = _mm512_load_si512(mult);
-  c.mult_odd = _mm512_srli_epi64(c.mult, 32);
-  c.lshift = _mm512_load_si512(lsh);
-  c.round_even = _mm512_load_si512(round[0]);
-  c.round_odd = _mm512_load_si512(round[1]);
-  c.shift_even = _mm512_load_si512(shift[0]);
-  c.shift_odd = _mm512_load_si512(shift[1]);
-  return c;
-}
-
-FloatCols float_cols(const FloatEpilogue& ep, int64_t n0, int nv) {
-  FloatCols c;
-  c.corr = correction(ep.row_sums, ep.a_zero_point, ep.bias, n0, nv);
-  c.scale = _mm512_maskz_loadu_ps(column_mask(nv), ep.scale + n0);
-  return c;
-}
-
-RequantConsts requant_consts(const RequantEpilogue& ep) {
-  // The dispatcher checked that out_min - zp and out_max - zp fit int32.
-  return {_mm512_set1_epi32(static_cast<int32_t>(int64_t{ep.out_min} - ep.out_zero_point)),
-          _mm512_set1_epi32(static_cast<int32_t>(int64_t{ep.out_max} - ep.out_zero_point)),
-          _mm512_set1_epi32(ep.out_zero_point)};
-}
-
-// requantize() of qgemm.cpp on 16 lanes; acc is the raw product sum (before the correction):
-// with z = x * M and r = max(-exponent, 0), floor((z + 2^(30+r) + offset) / 2^(31+r)) in 64-bit
-// lanes. |z + 2^(30+r) + offset| < 2^62 + 2^61 + 2^30, and the result fits int32 since M < 2^31.
-inline __m512i requant16(__m512i acc, const RequantCols& p, const RequantConsts& k) {
-  __m512i x = _mm512_add_epi32(acc, p.corr);
-  if (p.any_lshift) {
-    // Saturating x * 2^lshift: the shift overflowed iff shifting back does not give x; then the
-    // result is INT32_MIN or INT32_MAX by the sign of x ((x >> 31) ^ INT32_MAX).
-    const __m512i s = _mm512_sllv_epi32(x, p.lshift);
-    const __mmask16 ok = _mm512_cmpeq_epi32_mask(_mm512_srav_epi32(s, p.lshift), x);
-    const __m512i sat = _mm512_xor_si512(_mm512_srai_epi32(x, 31),
-                                         _mm512_set1_epi32(std::numeric_limits<int32_t>::max()));
-    x = _mm512_mask_blend_epi32(ok, sat, s);
-  }
-  // Even columns: the product of the low dwords of the 64-bit lanes; odd columns: of the high
-  // dwords moved down (vpshufd, off the shift port). vpmuldq takes the signed low dwords.
-  const __m512i x_odd =
-      _mm512_shuffle_epi32(x, static_cast<_MM_PERM_ENUM>(_MM_SHUFFLE(3, 3, 1, 1)));
-  __m512i even = _mm512_mul_epi32(x, p.mult);
-  __m512i odd = _mm512_mul_epi32(x_odd, p.mult_odd);
-  even = _mm512_srav_epi64(_mm512_add_epi64(even, p.round_even), p.shift_even);
-  odd = _mm512_srav_epi64(_mm512_add_epi64(odd, p.round_odd), p.shift_odd);
-  // The results are the low dwords; move the odd ones up and interleave.
-  odd = _mm512_shuffle_epi32(odd, static_cast<_MM_PERM_ENUM>(_MM_SHUFFLE(2, 2, 0, 0)));
-  x = _mm512_mask_blend_epi32(static_cast<__mmask16>(0xAAAA), even, odd);
-  // clamp(x + zp, out_min, out_max) = clamp(x, out_min - zp, out_max - zp) + zp (no overflow).
-  x = _mm512_min_epi32(_mm512_max_epi32(x, k.lo), k.hi);
-  return _mm512_add_epi32(x, k.zp);
-}
-
-inline __m512 float16(__m512i acc, const FloatCols& p, bool relu) {
-  __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(acc, p.corr)), p.scale);
-  // vmaxps returns the second operand for NaN and for +-0: v > 0 ? v : +0, as the reference.
-  if (relu) v = _mm512_max_ps(v, _mm512_setzero_ps());
-  return v;
-}
-
-// The epilogue of one column panel (up to kNb blocks of 16 columns), applied by the micro-kernels.
-struct RequantPanel {
-  RequantCols cols[kNb];
-  __mmask16 mask[kNb];
-  RequantConsts k;
-  uint8_t* c;  // column n0 of row 0
-  int64_t ldc;
-
-  RequantPanel(const RequantEpilogue& ep, int64_t n0, int64_t N, int nb, uint8_t* c_, int64_t ldc_)
-      : k(requant_consts(ep)), c(c_), ldc(ldc_) {
-    for (int j = 0; j < nb; ++j) {
-      const int64_t valid = N - n0 - 16 * j;
-      cols[j] = requant_cols(ep, n0 + 16 * j, static_cast<int>(std::min<int64_t>(valid, 16)));
-      mask[j] = column_mask(valid);
-    }
-  }
-  // Rows row0 .. row0 + rows - 1 of column block j from raw products (row i at acc + i * ld_acc).
-  // The parameters are copied to locals first: the byte stores may alias *this, which would make
-  // the compiler reload them for every row.
-  inline void store_rows(int j, int64_t row0, int64_t rows, const int32_t* acc,
-                         int64_t ld_acc) const {
-    const RequantCols p = cols[j];
-    const RequantConsts kk = k;
-    const __mmask16 m = mask[j];
-    uint8_t* dst = c + row0 * ldc + 16 * j;
-    for (int64_t i = 0; i < rows; ++i) {
-      const __m512i v = _mm512_maskz_loadu_epi32(m, acc + i * ld_acc);
-      _mm512_mask_cvtepi32_storeu_epi8(dst + i * ldc, m, requant16(v, p, kk));
-    }
-  }
-};
-
-struct FloatPanel {
-  FloatCols cols[kNb];
-  __mmask16 mask[kNb];
-  bool relu;
-  float* c;
-  int64_t ldc;
-
-  FloatPanel(const FloatEpilogue& ep, int64_t n0, int64_t N, int nb, float* c_, int64_t ldc_)
-      : relu(ep.relu), c(c_), ldc(ldc_) {
-    for (int j = 0; j < nb; ++j) {
-      const int64_t valid = N - n0 - 16 * j;
-      cols[j] = float_cols(ep, n0 + 16 * j, static_cast<int>(std::min<int64_t>(valid, 16)));
-      mask[j] = column_mask(valid);
-    }
-  }
-  inline void store_rows(int j, int64_t row0, int64_t rows, const int32_t* acc,
-                         int64_t ld_acc) const {
-    const FloatCols p = cols[j];
-    const __mmask16 m = mask[j];
-    const bool r = relu;
-    float* dst = c + row0 * ldc + 16 * j;
-    for (int64_t i = 0; i < rows; ++i) {
-      const __m512i v = _mm512_maskz_loadu_epi32(m, acc + i * ld_acc);
-      _mm512_mask_storeu_ps(dst + i * ldc, m, float16(v, p, r));
-    }
-  }
-};
 
 // acc[r][j] += A[r][4 g .. 4 g + 3] . W[16 j + n][4 g .. 4 g + 3] for one packed group g: wg is the
 // group in column block 0 (block j at wg + j * bstride), row r's 4 bytes at ag + r * ld.

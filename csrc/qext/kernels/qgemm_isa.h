@@ -6,6 +6,11 @@
 
 namespace qext::kernels::detail {
 
+// Throws std::invalid_argument ("qext::kernels::<caller>: ...") unless ep can run N columns: arrays
+// present, multipliers valid, out_min <= out_max, clamp bounds minus the zero point in int32.
+void check_epilogue(const RequantEpilogue& ep, int64_t N, const char* caller);
+void check_epilogue(const FloatEpilogue& ep, int64_t N, const char* caller);
+
 // The scalar reference (qgemm_ref.cpp).
 void qgemm_scalar(int64_t M, int64_t N, int64_t K, const uint8_t* a, int64_t lda,
                   const int8_t* packed_w, const RequantEpilogue& ep, uint8_t* c, int64_t ldc);

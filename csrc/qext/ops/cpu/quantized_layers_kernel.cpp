@@ -200,6 +200,48 @@ void depthwise_cpu(const at::Tensor& input, const k::Conv2dGeometry& g, const in
   });
 }
 
+// Stride-1 convolution on AMX without im2col (qconv.h): tasks of whole output rows of one image,
+// each about kTargetPixels GEMM rows (virtual pixels) so that its padded input rows stay in L2.
+void implicit_conv_cpu(const at::Tensor& input, const k::Conv2dGeometry& g, const int8_t* packed,
+                       const Int8LayerParams& p, const int32_t* sums, at::Tensor& y) {
+  const auto x = input.contiguous(at::MemoryFormat::ChannelsLast);
+  const uint8_t* x_p = levels(x);
+  // Kernel rows padded to 64 bytes; the same bytes when they already are.
+  const int64_t spans_k = g.kernel_h * k::conv_span_bytes(g);
+  at::Tensor spans;
+  const int8_t* w = packed;
+  if (g.kernel_w * g.in_channels != k::conv_span_bytes(g)) {
+    spans = at::empty({static_cast<int64_t>(k::packed_weight_bytes(g.out_channels, spans_k))},
+                      x.options().dtype(at::kChar));
+    k::pack_conv_weight_spans(packed, g, spans.data_ptr<int8_t>());
+    w = spans.data_ptr<int8_t>();
+  }
+  constexpr int64_t kTargetPixels = 512;
+  const int64_t padded_w = g.in_w + 2 * g.pad_w;
+  int64_t rows_per_task =
+      std::clamp<int64_t>((kTargetPixels + padded_w - 1) / padded_w, 1, g.out_h);
+  const int64_t threads = at::get_num_threads();
+  auto tasks_per_image = [&] { return (g.out_h + rows_per_task - 1) / rows_per_task; };
+  while (rows_per_task > 1 && g.batch * tasks_per_image() < threads) {
+    rows_per_task = (rows_per_task + 1) / 2;
+  }
+  const int64_t per_image = tasks_per_image();
+  const auto pad_value = static_cast<uint8_t>(p.input.zero_point ^ p.input.flip);
+  at::parallel_for(0, g.batch * per_image, 1, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t n = t / per_image, oh0 = (t % per_image) * rows_per_task;
+      const int64_t oh1 = std::min(g.out_h, oh0 + rows_per_task);
+      if (p.output.is_float) {
+        k::conv2d_implicit_u8s8(x_p, g, w, detail::float_epilogue(p, sums, 0), n, oh0, oh1,
+                                pad_value, p.input.flip, y.data_ptr<float>());
+      } else {
+        k::conv2d_implicit_u8s8(x_p, g, w, detail::requant_epilogue(p, sums, 0), n, oh0, oh1,
+                                pad_value, p.input.flip, levels(y));
+      }
+    }
+  });
+}
+
 at::Tensor quantized_conv2d_cpu(const at::Tensor& input, const at::Tensor& packed_weight,
                                 const at::Tensor& row_sums, at::IntArrayRef weight_shape,
                                 const at::Tensor& weight_scale,
@@ -227,6 +269,10 @@ at::Tensor quantized_conv2d_cpu(const at::Tensor& input, const at::Tensor& packe
   }
 
   const int64_t P = g.batch * g.out_h * g.out_w;  // GEMM rows: output pixels
+  if (k::conv_implicit_supported(g) && detail::int8_gemm_isa(P) == k::Isa::kAmx) {
+    implicit_conv_cpu(input, g, packed, p, sums, y);
+    return y;
+  }
   // im2col copies runs of channels from a channels-last input (an NCHW one would be gathered byte
   // by byte: one layout copy first is much cheaper).
   const auto x = input.contiguous(at::MemoryFormat::ChannelsLast);

@@ -1,0 +1,143 @@
+// AMX path of the implicit-GEMM convolution (qconv.h: conv2d_implicit_u8s8). Compiled with the
+// AVX-512 and AMX flags (CMakeLists.txt); reached only when isa_supported(Isa::kAmx).
+//
+// One call: copy the padded input rows into the per-thread buffer, then for each 32-column stripe
+// of the weight (kept in L1) run the 32-row blocks of virtual pixels through the tile unit
+// (amx_tiles.h), each block's sums stored to one of two scratch blocks; the AVX-512 epilogue
+// (epilogue_avx512.h, set up once per stripe) of a block runs in slices between the next block's
+// tile instructions, and writes only the pixels with ow < out_w.
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "qext/kernels/amx_tiles.h"
+#include "qext/kernels/epilogue_avx512.h"
+#include "qext/kernels/qconv_isa.h"
+
+namespace qext::kernels::detail {
+namespace {
+
+using namespace amx;  // NOLINT(google-build-using-namespace): the shared tile helpers
+
+template <typename Panel, typename Epilogue, typename Out>
+void conv2d_implicit_impl(const uint8_t* x, const Conv2dGeometry& g, const int8_t* packed_spans,
+                          const Epilogue& ep, int64_t n, int64_t oh0, int64_t oh1,
+                          uint8_t pad_value, uint8_t flip, Out* y) {
+  const int64_t C = g.in_channels, OC = g.out_channels;
+  const int64_t Wp = g.in_w + 2 * g.pad_w;
+  const int64_t halo = (g.kernel_h - 1) * g.dilation_h;  // extra input rows below the outputs
+  const int64_t in_rows = (oh1 - oh0) + halo;
+  const int64_t span = conv_span_bytes(g), span_blocks = span / kTileRowBytes;
+  const int64_t kblocks = g.kernel_h * span_blocks;
+  const int64_t K_spans = g.kernel_h * span;
+  // Virtual pixels v in [0, rows): the last one is the last real output pixel.
+  const int64_t rows = (oh1 - oh0 - 1) * Wp + g.out_w;
+  const int64_t blocks = (rows + kBlockM - 1) / kBlockM;
+  // The last byte a tile load can touch: row blocks * 32 - 1 of the last k block, plus 64 bytes.
+  const int64_t data_bytes = in_rows * Wp * C;
+  const int64_t read_end =
+      (blocks * kBlockM - 1 + halo * Wp) * C + (span_blocks - 1) * kTileRowBytes + kTileRowBytes;
+  const int64_t buffer_bytes = std::max(data_bytes, read_end);
+  const int64_t scratch_bytes = 2 * kBlockM * kBlockN * static_cast<int64_t>(sizeof(int32_t));
+
+  uint8_t* const work = work_buffer(static_cast<size_t>(scratch_bytes + buffer_bytes));
+  int32_t* const scratch[2] = {reinterpret_cast<int32_t*>(work),
+                               reinterpret_cast<int32_t*>(work) + kBlockM * kBlockN};
+  uint8_t* const xp = work + scratch_bytes;
+
+  // Padded rows: padded row r is input row oh0 + r - pad_h (pad_value outside the image); bytes
+  // past the rows only ever meet zero weights or dropped pixels (zeroed: no stale data read).
+  const uint8_t pad = pad_value ^ flip;
+  const int64_t row_bytes = g.in_w * C, side = g.pad_w * C;
+  for (int64_t r = 0; r < in_rows; ++r) {
+    uint8_t* dst = xp + r * Wp * C;
+    const int64_t ih = oh0 + r - g.pad_h;
+    if (ih < 0 || ih >= g.in_h) {
+      std::memset(dst, pad, static_cast<size_t>(Wp * C));
+      continue;
+    }
+    std::memset(dst, pad, static_cast<size_t>(side));
+    copy_flip(dst + side, x + (n * g.in_h + ih) * row_bytes, row_bytes, flip);
+    std::memset(dst + side + row_bytes, pad, static_cast<size_t>(side));
+  }
+  std::memset(xp + data_bytes, 0, static_cast<size_t>(buffer_bytes - data_bytes));
+
+  // k block kb = (kernel row kh, 64-byte piece j of its span) reads A at this offset from v's row.
+  std::vector<int64_t> k_offsets(static_cast<size_t>(kblocks));
+  for (int64_t kb = 0; kb < kblocks; ++kb) {
+    k_offsets[kb] = (kb / span_blocks) * g.dilation_h * Wp * C + (kb % span_blocks) * kTileRowBytes;
+  }
+  const int64_t* const koff = k_offsets.data();
+  const int64_t b_block_bytes = static_cast<int64_t>(packed_block_offset(kPackN, K_spans));
+
+  // Epilogue of the virtual pixels [from, to) of the block at v0 whose sums are in acc, through the
+  // stripe's panel (columns [n0, n0 + 32) of output pixel q at y + q * OC): one run per output row.
+  auto finish = [&](const Panel& panel, int nb, const int32_t* acc, int64_t v0, int64_t from,
+                    int64_t to) {
+    for (int64_t v = from; v < to;) {
+      const int64_t r = v / Wp, ow = v % Wp;
+      if (ow >= g.out_w) {
+        v = (r + 1) * Wp;
+        continue;
+      }
+      const int64_t run = std::min(to, r * Wp + g.out_w) - v;
+      const int64_t pixel = (n * g.out_h + oh0 + r) * g.out_w + ow;
+      for (int j = 0; j < nb; ++j) {
+        panel.store_rows(j, pixel, run, acc + (v - v0) * kBlockN + j * kPackN, kBlockN);
+      }
+      v += run;
+    }
+  };
+
+  configure_tiles();
+  // Rows of the previous block's epilogue done per k block: interleaved with the tile
+  // instructions in program order, so that the core's work overlaps the tile unit's.
+  const int64_t rows_per_step = (kBlockM + kblocks - 1) / kblocks;
+  for (int64_t n0 = 0; n0 < OC; n0 += kBlockN) {
+    const int64_t cols = std::min(kBlockN, OC - n0);
+    const bool two_cols = cols > kPackN;
+    const int nb = two_cols ? 2 : 1;
+    const Panel panel(ep, n0, OC, nb, y + n0, OC);
+    const int8_t* b0 = packed_spans + packed_block_offset(n0, K_spans);
+    for (int64_t i = 0; i < blocks; ++i) {
+      const int64_t v0 = i * kBlockM, count = std::min(kBlockM, rows - v0);
+      const bool two_rows = count > kTileRows;
+      const int32_t* prev = scratch[(i - 1) & 1];
+      const int64_t prev_v0 = v0 - kBlockM;
+      int64_t done = i > 0 ? prev_v0 : v0;  // the previous block's pixels finished so far
+      compute_block(
+          two_rows, two_cols, xp + v0 * C, C, kTileRows * C,
+          [koff](int64_t kb) { return koff[kb]; }, b0, b_block_bytes, kblocks,
+          [&] {
+            if (done >= v0) return;
+            const int64_t to = std::min(v0, done + rows_per_step);
+            finish(panel, nb, prev, prev_v0, done, to);
+            done = to;
+          });
+      if (done < v0) finish(panel, nb, prev, prev_v0, done, v0);
+      store_block(two_rows, two_cols, scratch[i & 1]);
+    }
+    const int64_t last = blocks - 1;
+    finish(panel, nb, scratch[last & 1], last * kBlockM, last * kBlockM, rows);
+  }
+  _tile_release();
+}
+
+}  // namespace
+
+void conv2d_implicit_amx(const uint8_t* x, const Conv2dGeometry& g, const int8_t* packed_spans,
+                         const RequantEpilogue& ep, int64_t n, int64_t oh0, int64_t oh1,
+                         uint8_t pad_value, uint8_t flip, uint8_t* y) {
+  conv2d_implicit_impl<avx512::RequantPanel>(x, g, packed_spans, ep, n, oh0, oh1, pad_value, flip,
+                                             y);
+}
+
+void conv2d_implicit_amx(const uint8_t* x, const Conv2dGeometry& g, const int8_t* packed_spans,
+                         const FloatEpilogue& ep, int64_t n, int64_t oh0, int64_t oh1,
+                         uint8_t pad_value, uint8_t flip, float* y) {
+  conv2d_implicit_impl<avx512::FloatPanel>(x, g, packed_spans, ep, n, oh0, oh1, pad_value, flip, y);
+}
+
+}  // namespace qext::kernels::detail
