@@ -1,4 +1,5 @@
-// Public C++ API of qext: include this and link Qext::qext.
+// Public C++ API of qext (the operators, qext::ops): include this and link Qext::qext. The C++
+// modules (QAT, converted integer modules, convert) are in qext/nn.h.
 #pragma once
 
 #include <string>

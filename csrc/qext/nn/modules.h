@@ -24,8 +24,20 @@ class ObserverImpl : public torch::nn::Module {
 };
 TORCH_MODULE(Observer);
 
-// Observer + straight-through fake quantization (ops::fake_quantize_observe). Buffers scale,
-// zero_point, fake_quant_enabled, observer_enabled; submodule observer.
+// Fake quantization of one tensor, as Python's qext.fake_quant.FakeQuantize.
+//
+// Straight-through (spec.learnable false): observer + ops::fake_quantize_observe. Buffers scale,
+// zero_point (int32), fake_quant_enabled, observer_enabled; submodule observer.
+//
+// Learnable (LSQ / LSQ+, spec.learnable true): parameter scale; zero_point a float32 parameter
+// when the spec is affine, a float32 buffer when symmetric; buffer initialized (uint8). On the
+// first batch seen with the observer enabled they are initialised as Python does: symmetric
+// scale = 2 mean(|x|) / sqrt(quant_max) over the finite values (per tensor or per channel), zero
+// point fixed; affine from the observer's min/max of that batch. Then trained through
+// ops::fake_quantize_learnable with grad_factor 1 / sqrt(numel per scale * quant_max), the forward
+// using max(scale, eps) with a straight-through gradient. Per-channel parameters start with one
+// element and take their channel count from the first batch: build the optimizer before, but
+// step it only after, the first forward (its state is created lazily, at the first step).
 class FakeQuantizeImpl : public torch::nn::Module {
  public:
   explicit FakeQuantizeImpl(QuantSpec spec);
@@ -35,12 +47,32 @@ class FakeQuantizeImpl : public torch::nn::Module {
   void enable_fake_quant(bool enabled);
   const QuantSpec& spec() const { return spec_; }
 
+  // Whether the quantization parameters come from data: an observer that saw an input, or an
+  // initialised learnable quantizer.
+  bool has_data() const;
+  // (scale float32, zero_point int32), shape [1] or [C], as an integer model uses them (Python's
+  // FakeQuantize.calculate_qparams): straight-through, choose_qparams of the observer's range;
+  // learnable, max(scale, eps) and the zero point rounded half to even and clamped. c10::ValueError
+  // when nothing was observed. Changes nothing.
+  std::pair<torch::Tensor, torch::Tensor> calculate_qparams() const;
+  // The same after this quantizer saw x in a forward pass (the observer folds x in when enabled;
+  // an uninitialised learnable quantizer initialises from x), computed on copies: the module is
+  // left unchanged. What convert() quantizes weights with.
+  std::pair<torch::Tensor, torch::Tensor> calculate_qparams(const torch::Tensor& x) const;
+
   torch::Tensor scale, zero_point, fake_quant_enabled, observer_enabled;
+  torch::Tensor initialized;  // learnable only
   Observer observer;
 
  private:
-  // Sizes the buffers for the channel count of x on first use (per-channel specs).
+  // Sizes the observer / quantizer buffers for the channel count of x on first use (per-channel
+  // straight-through specs).
   void ensure_state(const torch::Tensor& x);
+  // Channels of x along the spec's axis (1 per-tensor), checked against the observer's.
+  int64_t channels_of(const torch::Tensor& x) const;
+  // Copies of the observer statistics, or fresh ones sized for x when it has seen nothing.
+  std::pair<torch::Tensor, torch::Tensor> observer_range(const torch::Tensor& x) const;
+  torch::Tensor forward_learnable(const torch::Tensor& x, bool observe, bool quantize);
   QuantSpec spec_;
 };
 TORCH_MODULE(FakeQuantize);
@@ -111,7 +143,7 @@ class ConvBn2dImpl : public torch::nn::Module {
 
   void freeze_bn_stats(bool frozen = true) { bn_frozen_ = frozen; }
   // (w * gamma / sigma, beta + (b - mu) * gamma / sigma) with the running statistics.
-  std::pair<torch::Tensor, torch::Tensor> folded_weight_bias();
+  std::pair<torch::Tensor, torch::Tensor> folded_weight_bias() const;
 
   ConvBn2dOptions options;
   torch::Tensor weight, bias, step;

@@ -39,8 +39,20 @@ QConfig get_qconfig(const std::string& name) {
     activation.reduce_range = true;
     return {activation, weight};
   }
+  if (name == "int4_lsq") {
+    QuantSpec w4;  // LSQ: symmetric int4 per output channel
+    w4.bits = 4;
+    w4.axis = 0;
+    w4.learnable = true;
+    QuantSpec a4;  // LSQ+: affine uint4, initialised from the first batch's min/max
+    a4.bits = 4;
+    a4.is_signed = false;
+    a4.symmetric = false;
+    a4.learnable = true;
+    return {a4, w4};
+  }
   TORCH_CHECK_VALUE(false, "get_qconfig: unknown preset '", name,
-                    "' (C++ has int8, int8_per_tensor, int8_avx2)");
+                    "' (C++ has int8, int8_per_tensor, int8_avx2, int4_lsq)");
 }
 
 }  // namespace qext::nn

@@ -1,5 +1,6 @@
 // Quantization configuration of the C++ QAT modules: the same fields and presets as Python's
-// qext.QuantSpec / qext.QConfig (straight-through quantizers with min/max or EMA observers).
+// qext.QuantSpec / qext.QConfig (straight-through quantizers with min/max or EMA observers, and
+// learnable LSQ / LSQ+ quantizers).
 #pragma once
 
 #include <cstdint>
@@ -18,6 +19,10 @@ struct QuantSpec {
   ObserverKind observer = ObserverKind::kMinMax;
   double averaging_constant = 0.01;
   bool reduce_range = false;  // one bit less (7-bit activations for the AVX2 int8 kernels)
+  // LSQ (symmetric) / LSQ+ (affine): the scale, and the zero point when affine, are trainable
+  // parameters initialised from the first batch (see FakeQuantize); the observer then only serves
+  // the LSQ+ initialisation.
+  bool learnable = false;
 
   int64_t quant_min() const;
   int64_t quant_max() const;
@@ -31,7 +36,8 @@ struct QConfig {
 };
 
 // Presets of Python's qext.get_qconfig: "int8" (per-channel symmetric int8 weights, EMA affine
-// uint8 activations), "int8_per_tensor", "int8_avx2" (7-bit activations).
+// uint8 activations), "int8_per_tensor", "int8_avx2" (7-bit activations), "int4_lsq" (learnable
+// per-channel symmetric int4 weights, learnable affine uint4 activations with a min/max init).
 QConfig get_qconfig(const std::string& name);
 
 }  // namespace qext::nn
