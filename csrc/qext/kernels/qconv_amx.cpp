@@ -7,6 +7,8 @@
 // (epilogue_avx512.h, set up once per stripe) of a block runs in slices between the next block's
 // tile instructions, and writes only the pixels with ow < out_w.
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -35,17 +37,26 @@ void conv2d_implicit_impl(const uint8_t* x, const Conv2dGeometry& g, const int8_
   // Virtual pixels v in [0, rows): the last one is the last real output pixel.
   const int64_t rows = (oh1 - oh0 - 1) * Wp + g.out_w;
   const int64_t blocks = (rows + kBlockM - 1) / kBlockM;
-  // The last byte a tile load can touch: row blocks * 32 - 1 of the last k block, plus 64 bytes.
+  // Rows of A (one per virtual pixel) are read `a_stride` bytes apart: straight from the padded
+  // input (a_stride = C) when C is a multiple of 64; otherwise most rows would straddle cache lines
+  // (much slower tile loads), so each pixel's span is first copied to its own 64-byte aligned slot
+  // of a span buffer (a_stride = span).
+  const bool direct = C % kTileRowBytes == 0;
+  const int64_t a_stride = direct ? C : span;
+  // Pixels whose rows a tile load can touch: blocks * 32 virtual pixels, kernel rows below.
+  const int64_t pixels = blocks * kBlockM + halo * Wp;
   const int64_t data_bytes = in_rows * Wp * C;
-  const int64_t read_end =
-      (blocks * kBlockM - 1 + halo * Wp) * C + (span_blocks - 1) * kTileRowBytes + kTileRowBytes;
-  const int64_t buffer_bytes = std::max(data_bytes, read_end);
+  // The padded input is read up to the last span of those pixels (zeroed past the data).
+  const int64_t padded_bytes = std::max(data_bytes, (pixels - 1) * C + span);
+  const int64_t spans_bytes = direct ? 0 : pixels * span;
   const int64_t scratch_bytes = 2 * kBlockM * kBlockN * static_cast<int64_t>(sizeof(int32_t));
 
-  uint8_t* const work = work_buffer(static_cast<size_t>(scratch_bytes + buffer_bytes));
+  uint8_t* const work =
+      work_buffer(static_cast<size_t>(scratch_bytes + spans_bytes + padded_bytes));
   int32_t* const scratch[2] = {reinterpret_cast<int32_t*>(work),
                                reinterpret_cast<int32_t*>(work) + kBlockM * kBlockN};
-  uint8_t* const xp = work + scratch_bytes;
+  uint8_t* const spans = work + scratch_bytes;  // 64-byte aligned: scratch_bytes is 8 KiB
+  uint8_t* const xp = spans + spans_bytes;
 
   // Padded rows: padded row r is input row oh0 + r - pad_h (pad_value outside the image); bytes
   // past the rows only ever meet zero weights or dropped pixels (zeroed: no stale data read).
@@ -62,12 +73,21 @@ void conv2d_implicit_impl(const uint8_t* x, const Conv2dGeometry& g, const int8_
     copy_flip(dst + side, x + (n * g.in_h + ih) * row_bytes, row_bytes, flip);
     std::memset(dst + side + row_bytes, pad, static_cast<size_t>(side));
   }
-  std::memset(xp + data_bytes, 0, static_cast<size_t>(buffer_bytes - data_bytes));
+  std::memset(xp + data_bytes, 0, static_cast<size_t>(padded_bytes - data_bytes));
+  if (!direct) {
+    for (int64_t p = 0; p < pixels; ++p) {
+      for (int64_t b = 0; b < span; b += kTileRowBytes) {
+        _mm512_store_si512(spans + p * span + b, _mm512_loadu_si512(xp + p * C + b));
+      }
+    }
+  }
+  const uint8_t* const a = direct ? xp : spans;
 
   // k block kb = (kernel row kh, 64-byte piece j of its span) reads A at this offset from v's row.
   std::vector<int64_t> k_offsets(static_cast<size_t>(kblocks));
   for (int64_t kb = 0; kb < kblocks; ++kb) {
-    k_offsets[kb] = (kb / span_blocks) * g.dilation_h * Wp * C + (kb % span_blocks) * kTileRowBytes;
+    k_offsets[kb] =
+        (kb / span_blocks) * g.dilation_h * Wp * a_stride + (kb % span_blocks) * kTileRowBytes;
   }
   const int64_t* const koff = k_offsets.data();
   const int64_t b_block_bytes = static_cast<int64_t>(packed_block_offset(kPackN, K_spans));
@@ -108,7 +128,7 @@ void conv2d_implicit_impl(const uint8_t* x, const Conv2dGeometry& g, const int8_
       const int64_t prev_v0 = v0 - kBlockM;
       int64_t done = i > 0 ? prev_v0 : v0;  // the previous block's pixels finished so far
       compute_block(
-          two_rows, two_cols, xp + v0 * C, C, kTileRows * C,
+          two_rows, two_cols, a + v0 * a_stride, a_stride, kTileRows * a_stride,
           [koff](int64_t kb) { return koff[kb]; }, b0, b_block_bytes, kblocks,
           [&] {
             if (done >= v0) return;
