@@ -328,14 +328,14 @@ Conv2dGeometry stride1_geometry(int64_t batch, int64_t cin, int64_t h, int64_t w
 // conv2d_implicit_u8s8 over all images, output rows in calls of `chunk` rows; NCHW output.
 std::vector<uint8_t> implicit_conv(const QuantConv& q, int64_t chunk) {
   const Conv2dGeometry& g = q.g;
-  const int64_t k = g.group_k(), spans_k = g.kernel_h * conv_span_bytes(g);
+  const int64_t k = g.group_k(), implicit_k = conv_implicit_k(g);
   std::vector<int8_t> wg(static_cast<size_t>(g.out_channels * k));
   conv_weight_to_gemm(q.w.data(), g, 0, wg.data());
   std::vector<int8_t> packed(packed_weight_bytes(g.out_channels, k));
   std::vector<int32_t> row_sums(static_cast<size_t>(g.out_channels));
   pack_weight(wg.data(), g.out_channels, k, k, packed.data(), row_sums.data());
-  std::vector<int8_t> spans(packed_weight_bytes(g.out_channels, spans_k), 0x55);
-  pack_conv_weight_spans(packed.data(), g, spans.data());
+  std::vector<int8_t> weight(packed_weight_bytes(g.out_channels, implicit_k), 0x55);
+  pack_conv_weight_implicit(packed.data(), g, weight.data());
   RequantEpilogue ep{};
   ep.row_sums = row_sums.data();
   ep.a_zero_point = q.x_zero_point + (q.signed_input ? 128 : 0);
@@ -348,7 +348,7 @@ std::vector<uint8_t> implicit_conv(const QuantConv& q, int64_t chunk) {
                             0xEE);
   for (int64_t n = 0; n < g.batch; ++n) {
     for (int64_t oh0 = 0; oh0 < g.out_h; oh0 += chunk) {
-      conv2d_implicit_u8s8(q.x.data(), g, spans.data(), ep, n, oh0, std::min(g.out_h, oh0 + chunk),
+      conv2d_implicit_u8s8(q.x.data(), g, weight.data(), ep, n, oh0, std::min(g.out_h, oh0 + chunk),
                            static_cast<uint8_t>(q.x_zero_point), q.signed_input ? 0x80 : 0,
                            nhwc.data());
     }
@@ -365,34 +365,46 @@ std::vector<uint8_t> implicit_conv(const QuantConv& q, int64_t chunk) {
   return y;
 }
 
-TEST(ConvImplicit, SpanPaddedWeightLayout) {
-  // 5 output channels, 3x3 kernel over 3 channels: kernel rows of 9 bytes padded to 64.
-  const Conv2dGeometry g = stride1_geometry(1, 3, 6, 6, 5, 3, 3, 1, 1, 1);
-  ASSERT_EQ(conv_span_bytes(g), 64);
-  const int64_t k = g.group_k();
+TEST(ConvImplicit, WeightLayouts) {
+  // 5 output channels, 2x3 kernel over 40 channels: kernel rows of 120 bytes padded to 128 (the
+  // 240-byte patch needs 4 k blocks too: padded rows it is).
+  const Conv2dGeometry g = stride1_geometry(1, 40, 6, 6, 5, 2, 3, 1, 1, 1);
+  ASSERT_EQ(conv_span_bytes(g), 128);
+  ASSERT_FALSE(conv_implicit_gathers_patches(g));
+  ASSERT_FALSE(conv_implicit_weight_is_packed(g));
+  ASSERT_EQ(conv_implicit_k(g), 2 * 128);
+  const int64_t k = g.group_k(), row = 120;
   std::vector<int8_t> wg(static_cast<size_t>(5 * k));
   for (size_t i = 0; i < wg.size(); ++i) wg[i] = static_cast<int8_t>(i % 251 - 125);
   std::vector<int8_t> packed(packed_weight_bytes(5, k));
   std::vector<int32_t> sums(5);
   pack_weight(wg.data(), 5, k, k, packed.data(), sums.data());
-  std::vector<int8_t> spans(packed_weight_bytes(5, 3 * 64), 0x55);
-  pack_conv_weight_spans(packed.data(), g, spans.data());
-  // Unpacked by hand (qgemm.h layout): W'[n][kh * 64 + b] is W[n][kh * 9 + b] for b < 9, else 0.
+  std::vector<int8_t> spans(packed_weight_bytes(5, 2 * 128), 0x55);
+  pack_conv_weight_implicit(packed.data(), g, spans.data());
+  // Unpacked by hand (qgemm.h layout): W'[n][kh * 128 + b] is W[n][kh * 120 + b] for b < 120,
+  // else 0.
   for (int64_t n = 0; n < 16; ++n) {
-    for (int64_t kk = 0; kk < 3 * 64; ++kk) {
-      const int64_t kh = kk / 64, b = kk % 64;
-      const int8_t expected = (n < 5 && b < 9) ? wg[n * k + kh * 9 + b] : 0;
+    for (int64_t kk = 0; kk < 2 * 128; ++kk) {
+      const int64_t kh = kk / 128, b = kk % 128;
+      const int8_t expected = (n < 5 && b < row) ? wg[n * k + kh * row + b] : 0;
       ASSERT_EQ(spans[(kk / 4) * 64 + n * 4 + kk % 4], expected) << "n " << n << " k " << kk;
     }
   }
-  // A row already a multiple of 64 bytes: the same bytes.
+  // One channel: the 9-byte patch (one k block) rather than three padded rows; C = 64: rows of
+  // 64 bytes already. Both use the packed weight as it is.
+  const Conv2dGeometry g1 = stride1_geometry(1, 1, 6, 6, 8, 3, 3, 0, 0, 1);
+  EXPECT_TRUE(conv_implicit_gathers_patches(g1));
+  EXPECT_EQ(conv_implicit_k(g1), 64);
+  EXPECT_TRUE(conv_implicit_weight_is_packed(g1));
   const Conv2dGeometry g64 = stride1_geometry(1, 64, 4, 4, 16, 3, 1, 0, 0, 1);
+  EXPECT_FALSE(conv_implicit_gathers_patches(g64));
+  EXPECT_TRUE(conv_implicit_weight_is_packed(g64));
   const int64_t k64 = g64.group_k();
   std::vector<int8_t> w64(static_cast<size_t>(16 * k64), 3), p64(packed_weight_bytes(16, k64)),
       s64(packed_weight_bytes(16, k64));
   std::vector<int32_t> sums64(16);
   pack_weight(w64.data(), 16, k64, k64, p64.data(), sums64.data());
-  pack_conv_weight_spans(p64.data(), g64, s64.data());
+  pack_conv_weight_implicit(p64.data(), g64, s64.data());
   EXPECT_EQ(s64, p64);
 }
 
@@ -402,17 +414,20 @@ TEST(ConvImplicit, AmxEqualsDirectConvolution) {
   struct Case {
     int64_t batch, cin, h, w, cout, kh, kw, pad_h, pad_w, dilation_h, chunk;
   };
+  std::set<int> modes;  // A rows read from the padded input (0), from spans (1), from patches (2)
   const Case cases[] = {
       {2, 1, 28, 28, 32, 3, 3, 0, 0, 1, 26}, {1, 3, 9, 8, 5, 3, 3, 1, 1, 1, 2},
       {2, 32, 13, 13, 64, 3, 3, 0, 0, 1, 4}, {1, 64, 12, 11, 64, 3, 3, 1, 1, 1, 5},
       {1, 16, 7, 9, 40, 5, 5, 2, 2, 1, 3},   {1, 80, 6, 7, 100, 2, 3, 1, 0, 2, 1},
       {3, 20, 5, 6, 33, 1, 1, 0, 0, 1, 5},   {1, 8, 17, 3, 16, 3, 1, 1, 0, 2, 7},
       {1, 128, 4, 4, 24, 3, 3, 1, 1, 1, 4},  {1, 7, 40, 40, 9, 3, 3, 1, 1, 1, 40},
+      {2, 96, 5, 9, 20, 1, 3, 0, 1, 1, 2},
   };
   for (const Case& c : cases) {
     const Conv2dGeometry g = stride1_geometry(c.batch, c.cin, c.h, c.w, c.cout, c.kh, c.kw, c.pad_h,
                                               c.pad_w, c.dilation_h);
     ASSERT_TRUE(conv_implicit_supported(g));
+    modes.insert(conv_implicit_gathers_patches(g) ? 2 : g.in_channels % 64 == 0 ? 0 : 1);
     for (const bool signed_input : {false, true}) {
       SCOPED_TRACE(::testing::Message() << "cin " << c.cin << " cout " << c.cout << " k " << c.kh
                                         << "x" << c.kw << " pad " << c.pad_h << "," << c.pad_w
@@ -423,6 +438,7 @@ TEST(ConvImplicit, AmxEqualsDirectConvolution) {
       EXPECT_GT(std::set<uint8_t>(expected.begin(), expected.end()).size(), 8u);
     }
   }
+  EXPECT_EQ(modes.size(), 3u) << "every way of reading A rows is covered";
 }
 
 TEST(ConvImplicit, ExtremeLevelsAndRejections) {

@@ -150,10 +150,23 @@ int64_t conv_span_bytes(const Conv2dGeometry& g) {
   return packed_k(g.kernel_w * (g.in_channels / g.groups));
 }
 
-void pack_conv_weight_spans(const int8_t* packed, const Conv2dGeometry& g, int8_t* out) {
+bool conv_implicit_gathers_patches(const Conv2dGeometry& g) {
+  return packed_k(g.group_k()) < g.kernel_h * conv_span_bytes(g);
+}
+
+int64_t conv_implicit_k(const Conv2dGeometry& g) {
+  return conv_implicit_gathers_patches(g) ? packed_k(g.group_k()) : g.kernel_h * conv_span_bytes(g);
+}
+
+bool conv_implicit_weight_is_packed(const Conv2dGeometry& g) {
+  return conv_implicit_gathers_patches(g) ||
+         g.kernel_w * (g.in_channels / g.groups) == conv_span_bytes(g);
+}
+
+void pack_conv_weight_implicit(const int8_t* packed, const Conv2dGeometry& g, int8_t* out) {
   const int64_t N = g.out_channels, K = g.group_k(), row = g.kernel_w * g.in_channels;
-  const int64_t span = conv_span_bytes(g), K_spans = g.kernel_h * span;
-  if (row == span) {
+  const int64_t span = conv_span_bytes(g), K_spans = conv_implicit_k(g);
+  if (conv_implicit_weight_is_packed(g)) {
     std::memcpy(out, packed, packed_weight_bytes(N, K));
     return;
   }
@@ -186,7 +199,7 @@ void pack_conv_weight_spans(const int8_t* packed, const Conv2dGeometry& g, int8_
 namespace {
 
 template <typename Epilogue, typename Out>
-void conv2d_implicit(const uint8_t* x, const Conv2dGeometry& g, const int8_t* packed_spans,
+void conv2d_implicit(const uint8_t* x, const Conv2dGeometry& g, const int8_t* weight,
                      const Epilogue& ep, int64_t n, int64_t oh0, int64_t oh1, uint8_t pad_value,
                      uint8_t flip, Out* y) {
   if (!conv_implicit_supported(g)) {
@@ -199,25 +212,25 @@ void conv2d_implicit(const uint8_t* x, const Conv2dGeometry& g, const int8_t* pa
     throw std::invalid_argument("conv2d_implicit_u8s8: rows or image out of range");
   }
   if (oh0 >= oh1 || g.out_w <= 0 || g.out_channels <= 0) return;
-  if (x == nullptr || packed_spans == nullptr || y == nullptr) {
-    throw std::invalid_argument("conv2d_implicit_u8s8: null x, packed_spans or y");
+  if (x == nullptr || weight == nullptr || y == nullptr) {
+    throw std::invalid_argument("conv2d_implicit_u8s8: null x, weight or y");
   }
   detail::check_epilogue(ep, g.out_channels, "conv2d_implicit_u8s8");
-  detail::conv2d_implicit_amx(x, g, packed_spans, ep, n, oh0, oh1, pad_value, flip, y);
+  detail::conv2d_implicit_amx(x, g, weight, ep, n, oh0, oh1, pad_value, flip, y);
 }
 
 }  // namespace
 
-void conv2d_implicit_u8s8(const uint8_t* x, const Conv2dGeometry& g, const int8_t* packed_spans,
+void conv2d_implicit_u8s8(const uint8_t* x, const Conv2dGeometry& g, const int8_t* weight,
                           const RequantEpilogue& ep, int64_t n, int64_t oh0, int64_t oh1,
                           uint8_t pad_value, uint8_t flip, uint8_t* y) {
-  conv2d_implicit(x, g, packed_spans, ep, n, oh0, oh1, pad_value, flip, y);
+  conv2d_implicit(x, g, weight, ep, n, oh0, oh1, pad_value, flip, y);
 }
 
-void conv2d_implicit_u8s8(const uint8_t* x, const Conv2dGeometry& g, const int8_t* packed_spans,
+void conv2d_implicit_u8s8(const uint8_t* x, const Conv2dGeometry& g, const int8_t* weight,
                           const FloatEpilogue& ep, int64_t n, int64_t oh0, int64_t oh1,
                           uint8_t pad_value, uint8_t flip, float* y) {
-  conv2d_implicit(x, g, packed_spans, ep, n, oh0, oh1, pad_value, flip, y);
+  conv2d_implicit(x, g, weight, ep, n, oh0, oh1, pad_value, flip, y);
 }
 
 }  // namespace qext::kernels

@@ -52,35 +52,47 @@ void conv_weight_to_gemm(const int8_t* w, const Conv2dGeometry& g, int64_t group
 // the zero point) and flipped, into a per-thread buffer of padded width Wp = in_w + 2 pad_w. There
 // the kernel_w taps of kernel row kh of output pixel (oh, ow) are kernel_w * C contiguous bytes at
 // ((v + kh * dilation_h * Wp) * C), v = (oh - oh0) * Wp + ow: a fixed offset from the "virtual
-// pixel" v, so A tiles (16 consecutive v, rows C bytes apart) load straight from the buffer. The
-// v with ow >= out_w are computed and dropped (out_w / Wp of the tile work is used).
+// pixel" v, so A tiles (16 consecutive v) load from the buffer without an im2col. The v with
+// ow >= out_w are computed and dropped (out_w / Wp of the tile work is used).
 // Each kernel row's kernel_w * C weight bytes are padded to conv_span_bytes(g), a multiple of 64,
 // so that no 64-byte k block straddles two kernel rows; the A bytes facing the zero weights of
-// that padding are real (neighbouring) input levels and contribute nothing.
+// that padding are real (neighbouring) input levels and contribute nothing. When whole patches
+// need fewer k blocks than that (conv_implicit_gathers_patches: small kernel_w * C, e.g. a first
+// layer on 1 or 3 channels), each virtual pixel's (kh, kw, c) patch is gathered instead and the
+// weight is the packed GEMM weight itself.
 // ---------------------------------------------------------------------------------------------
 
 // Whether conv2d_implicit_u8s8 handles g: stride 1, dilation_w 1, one group.
 bool conv_implicit_supported(const Conv2dGeometry& g);
 
-// kernel_w * in_channels rounded up to a multiple of kPackK: the bytes of one kernel row in the
-// weight of conv2d_implicit_u8s8, whose GEMM K is kernel_h * conv_span_bytes(g).
+// kernel_w * in_channels rounded up to a multiple of kPackK: one padded kernel row.
 int64_t conv_span_bytes(const Conv2dGeometry& g);
 
-// The weight of conv2d_implicit_u8s8 from the packed GEMM weight of conv_weight_to_gemm +
-// pack_weight (K = group_k()): the same bytes with each kernel row zero-padded to
-// conv_span_bytes(g). out holds packed_weight_bytes(out_channels, kernel_h * conv_span_bytes(g)).
-// When kernel_w * in_channels is already a multiple of kPackK the two layouts are the same bytes.
-void pack_conv_weight_spans(const int8_t* packed, const Conv2dGeometry& g, int8_t* out);
+// packed_k(group_k()) < kernel_h * conv_span_bytes(g): whole patches take fewer k blocks.
+bool conv_implicit_gathers_patches(const Conv2dGeometry& g);
+
+// The GEMM K of conv2d_implicit_u8s8's weight: packed_k(group_k()) when it gathers patches, else
+// kernel_h * conv_span_bytes(g).
+int64_t conv_implicit_k(const Conv2dGeometry& g);
+
+// True when that weight is byte for byte the packed GEMM weight of conv_weight_to_gemm +
+// pack_weight (patches, or kernel rows already a multiple of 64 bytes): no repacking needed.
+bool conv_implicit_weight_is_packed(const Conv2dGeometry& g);
+
+// conv2d_implicit_u8s8's weight from the packed GEMM weight (K = group_k()): each kernel row
+// zero-padded to conv_span_bytes(g), or a copy when conv_implicit_weight_is_packed(g). out holds
+// packed_weight_bytes(out_channels, conv_implicit_k(g)).
+void pack_conv_weight_implicit(const int8_t* packed, const Conv2dGeometry& g, int8_t* out);
 
 // Output rows [oh0, oh1) of image n, written channels-last y[((n * out_h + oh) * out_w + ow) *
 // out_channels + o], bit-identical to im2col_u8 (same pad_value / flip) + qgemm_u8s8 on the packed
 // GEMM weight with the same epilogue. x is channels-last: x[((n * in_h + h) * in_w + w) *
 // in_channels + c]. Needs conv_implicit_supported(g) and isa_supported(Isa::kAmx) (throws
-// std::invalid_argument otherwise); packed_spans from pack_conv_weight_spans.
-void conv2d_implicit_u8s8(const uint8_t* x, const Conv2dGeometry& g, const int8_t* packed_spans,
+// std::invalid_argument otherwise); weight from pack_conv_weight_implicit.
+void conv2d_implicit_u8s8(const uint8_t* x, const Conv2dGeometry& g, const int8_t* weight,
                           const RequantEpilogue& ep, int64_t n, int64_t oh0, int64_t oh1,
                           uint8_t pad_value, uint8_t flip, uint8_t* y);
-void conv2d_implicit_u8s8(const uint8_t* x, const Conv2dGeometry& g, const int8_t* packed_spans,
+void conv2d_implicit_u8s8(const uint8_t* x, const Conv2dGeometry& g, const int8_t* weight,
                           const FloatEpilogue& ep, int64_t n, int64_t oh0, int64_t oh1,
                           uint8_t pad_value, uint8_t flip, float* y);
 

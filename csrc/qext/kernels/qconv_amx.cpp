@@ -23,40 +23,50 @@ namespace {
 
 using namespace amx;  // NOLINT(google-build-using-namespace): the shared tile helpers
 
+// How the A tiles find the rows of virtual pixels (one row per pixel, `stride` bytes apart).
+enum class Rows {
+  kPadded,   // straight from the padded input (stride C, C a multiple of 64)
+  kSpans,    // each pixel's kernel-row span copied to a 64-byte aligned slot (stride span):
+             // with C % 64 != 0 most rows read in place would straddle cache lines (slow loads)
+  kPatches,  // each pixel's whole (kh, kw, c) patch gathered (stride packed_k(group_k)): fewer k
+             // blocks than padded kernel rows (small kernel_w * C)
+};
+
 template <typename Panel, typename Epilogue, typename Out>
-void conv2d_implicit_impl(const uint8_t* x, const Conv2dGeometry& g, const int8_t* packed_spans,
+void conv2d_implicit_impl(const uint8_t* x, const Conv2dGeometry& g, const int8_t* weight,
                           const Epilogue& ep, int64_t n, int64_t oh0, int64_t oh1,
                           uint8_t pad_value, uint8_t flip, Out* y) {
   const int64_t C = g.in_channels, OC = g.out_channels;
   const int64_t Wp = g.in_w + 2 * g.pad_w;
   const int64_t halo = (g.kernel_h - 1) * g.dilation_h;  // extra input rows below the outputs
   const int64_t in_rows = (oh1 - oh0) + halo;
+  const int64_t row_taps = g.kernel_w * C;  // bytes of one kernel row of a patch
   const int64_t span = conv_span_bytes(g), span_blocks = span / kTileRowBytes;
-  const int64_t kblocks = g.kernel_h * span_blocks;
-  const int64_t K_spans = g.kernel_h * span;
+  const int64_t K = conv_implicit_k(g), kblocks = K / kTileRowBytes;
+  const Rows mode = conv_implicit_gathers_patches(g) ? Rows::kPatches
+                    : C % kTileRowBytes == 0         ? Rows::kPadded
+                                                     : Rows::kSpans;
+  const int64_t stride = mode == Rows::kPadded ? C : mode == Rows::kSpans ? span : K;
   // Virtual pixels v in [0, rows): the last one is the last real output pixel.
   const int64_t rows = (oh1 - oh0 - 1) * Wp + g.out_w;
   const int64_t blocks = (rows + kBlockM - 1) / kBlockM;
-  // Rows of A (one per virtual pixel) are read `a_stride` bytes apart: straight from the padded
-  // input (a_stride = C) when C is a multiple of 64; otherwise most rows would straddle cache lines
-  // (much slower tile loads), so each pixel's span is first copied to its own 64-byte aligned slot
-  // of a span buffer (a_stride = span).
-  const bool direct = C % kTileRowBytes == 0;
-  const int64_t a_stride = direct ? C : span;
-  // Pixels whose rows a tile load can touch: blocks * 32 virtual pixels, kernel rows below.
+  // Pixels whose spans can be read: blocks * 32 virtual pixels and the kernel rows below them.
   const int64_t pixels = blocks * kBlockM + halo * Wp;
   const int64_t data_bytes = in_rows * Wp * C;
   // The padded input is read up to the last span of those pixels (zeroed past the data).
   const int64_t padded_bytes = std::max(data_bytes, (pixels - 1) * C + span);
-  const int64_t spans_bytes = direct ? 0 : pixels * span;
+  // Gathered rows; a patch's last 64-byte copy may run up to span bytes past its slot.
+  const int64_t gathered_bytes = mode == Rows::kSpans     ? pixels * span
+                                 : mode == Rows::kPatches ? blocks * kBlockM * K + span
+                                                          : 0;
   const int64_t scratch_bytes = 2 * kBlockM * kBlockN * static_cast<int64_t>(sizeof(int32_t));
 
   uint8_t* const work =
-      work_buffer(static_cast<size_t>(scratch_bytes + spans_bytes + padded_bytes));
+      work_buffer(static_cast<size_t>(scratch_bytes + gathered_bytes + padded_bytes));
   int32_t* const scratch[2] = {reinterpret_cast<int32_t*>(work),
                                reinterpret_cast<int32_t*>(work) + kBlockM * kBlockN};
-  uint8_t* const spans = work + scratch_bytes;  // 64-byte aligned: scratch_bytes is 8 KiB
-  uint8_t* const xp = spans + spans_bytes;
+  uint8_t* const gathered = work + scratch_bytes;  // 64-byte aligned: scratch_bytes is 8 KiB
+  uint8_t* const xp = gathered + gathered_bytes;
 
   // Padded rows: padded row r is input row oh0 + r - pad_h (pad_value outside the image); bytes
   // past the rows only ever meet zero weights or dropped pixels (zeroed: no stale data read).
@@ -74,23 +84,34 @@ void conv2d_implicit_impl(const uint8_t* x, const Conv2dGeometry& g, const int8_
     std::memset(dst + side + row_bytes, pad, static_cast<size_t>(side));
   }
   std::memset(xp + data_bytes, 0, static_cast<size_t>(padded_bytes - data_bytes));
-  if (!direct) {
-    for (int64_t p = 0; p < pixels; ++p) {
-      for (int64_t b = 0; b < span; b += kTileRowBytes) {
-        _mm512_store_si512(spans + p * span + b, _mm512_loadu_si512(xp + p * C + b));
+  // Copies the span of the pixel at src (whole 64-byte pieces: the bytes past row_taps meet zero
+  // weights, or are overwritten by the next kernel row of a patch) to dst.
+  auto copy_span = [span](uint8_t* dst, const uint8_t* src) {
+    for (int64_t b = 0; b < span; b += kTileRowBytes) {
+      _mm512_storeu_si512(dst + b, _mm512_loadu_si512(src + b));
+    }
+  };
+  if (mode == Rows::kSpans) {
+    for (int64_t p = 0; p < pixels; ++p) copy_span(gathered + p * span, xp + p * C);
+  } else if (mode == Rows::kPatches) {
+    for (int64_t v = 0; v < blocks * kBlockM; ++v) {
+      for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
+        copy_span(gathered + v * K + kh * row_taps, xp + (v + kh * g.dilation_h * Wp) * C);
       }
     }
   }
-  const uint8_t* const a = direct ? xp : spans;
+  const uint8_t* const a = mode == Rows::kPadded ? xp : gathered;
 
-  // k block kb = (kernel row kh, 64-byte piece j of its span) reads A at this offset from v's row.
+  // Offset of k block kb from a pixel's row: kernel row kh = kb / span_blocks, 64-byte piece j of
+  // its span (kPadded, kSpans), or simply the kb-th piece of the patch.
   std::vector<int64_t> k_offsets(static_cast<size_t>(kblocks));
   for (int64_t kb = 0; kb < kblocks; ++kb) {
-    k_offsets[kb] =
-        (kb / span_blocks) * g.dilation_h * Wp * a_stride + (kb % span_blocks) * kTileRowBytes;
+    k_offsets[kb] = mode == Rows::kPatches ? kb * kTileRowBytes
+                                           : (kb / span_blocks) * g.dilation_h * Wp * stride +
+                                                 (kb % span_blocks) * kTileRowBytes;
   }
   const int64_t* const koff = k_offsets.data();
-  const int64_t b_block_bytes = static_cast<int64_t>(packed_block_offset(kPackN, K_spans));
+  const int64_t b_block_bytes = static_cast<int64_t>(packed_block_offset(kPackN, K));
 
   // Epilogue of the virtual pixels [from, to) of the block at v0 whose sums are in acc, through the
   // stripe's panel (columns [n0, n0 + 32) of output pixel q at y + q * OC): one run per output row.
@@ -120,7 +141,7 @@ void conv2d_implicit_impl(const uint8_t* x, const Conv2dGeometry& g, const int8_
     const bool two_cols = cols > kPackN;
     const int nb = two_cols ? 2 : 1;
     const Panel panel(ep, n0, OC, nb, y + n0, OC);
-    const int8_t* b0 = packed_spans + packed_block_offset(n0, K_spans);
+    const int8_t* b0 = weight + packed_block_offset(n0, K);
     for (int64_t i = 0; i < blocks; ++i) {
       const int64_t v0 = i * kBlockM, count = std::min(kBlockM, rows - v0);
       const bool two_rows = count > kTileRows;
@@ -128,7 +149,7 @@ void conv2d_implicit_impl(const uint8_t* x, const Conv2dGeometry& g, const int8_
       const int64_t prev_v0 = v0 - kBlockM;
       int64_t done = i > 0 ? prev_v0 : v0;  // the previous block's pixels finished so far
       compute_block(
-          two_rows, two_cols, a + v0 * a_stride, a_stride, kTileRows * a_stride,
+          two_rows, two_cols, a + v0 * stride, stride, kTileRows * stride,
           [koff](int64_t kb) { return koff[kb]; }, b0, b_block_bytes, kblocks,
           [&] {
             if (done >= v0) return;
@@ -147,17 +168,16 @@ void conv2d_implicit_impl(const uint8_t* x, const Conv2dGeometry& g, const int8_
 
 }  // namespace
 
-void conv2d_implicit_amx(const uint8_t* x, const Conv2dGeometry& g, const int8_t* packed_spans,
+void conv2d_implicit_amx(const uint8_t* x, const Conv2dGeometry& g, const int8_t* weight,
                          const RequantEpilogue& ep, int64_t n, int64_t oh0, int64_t oh1,
                          uint8_t pad_value, uint8_t flip, uint8_t* y) {
-  conv2d_implicit_impl<avx512::RequantPanel>(x, g, packed_spans, ep, n, oh0, oh1, pad_value, flip,
-                                             y);
+  conv2d_implicit_impl<avx512::RequantPanel>(x, g, weight, ep, n, oh0, oh1, pad_value, flip, y);
 }
 
-void conv2d_implicit_amx(const uint8_t* x, const Conv2dGeometry& g, const int8_t* packed_spans,
+void conv2d_implicit_amx(const uint8_t* x, const Conv2dGeometry& g, const int8_t* weight,
                          const FloatEpilogue& ep, int64_t n, int64_t oh0, int64_t oh1,
                          uint8_t pad_value, uint8_t flip, float* y) {
-  conv2d_implicit_impl<avx512::FloatPanel>(x, g, packed_spans, ep, n, oh0, oh1, pad_value, flip, y);
+  conv2d_implicit_impl<avx512::FloatPanel>(x, g, weight, ep, n, oh0, oh1, pad_value, flip, y);
 }
 
 }  // namespace qext::kernels::detail

@@ -50,10 +50,10 @@ void add_u8_avx2(const uint8_t* a, const uint8_t* b, int64_t n, const AddParams&
                  uint8_t a_flip, uint8_t b_flip, uint8_t out_flip);
 
 // AMX (qconv_amx.cpp), behind conv2d_implicit_u8s8.
-void conv2d_implicit_amx(const uint8_t* x, const Conv2dGeometry& g, const int8_t* packed_spans,
+void conv2d_implicit_amx(const uint8_t* x, const Conv2dGeometry& g, const int8_t* weight,
                          const RequantEpilogue& ep, int64_t n, int64_t oh0, int64_t oh1,
                          uint8_t pad_value, uint8_t flip, uint8_t* y);
-void conv2d_implicit_amx(const uint8_t* x, const Conv2dGeometry& g, const int8_t* packed_spans,
+void conv2d_implicit_amx(const uint8_t* x, const Conv2dGeometry& g, const int8_t* weight,
                          const FloatEpilogue& ep, int64_t n, int64_t oh0, int64_t oh1,
                          uint8_t pad_value, uint8_t flip, float* y);
 

@@ -206,15 +206,16 @@ void implicit_conv_cpu(const at::Tensor& input, const k::Conv2dGeometry& g, cons
                        const Int8LayerParams& p, const int32_t* sums, at::Tensor& y) {
   const auto x = input.contiguous(at::MemoryFormat::ChannelsLast);
   const uint8_t* x_p = levels(x);
-  // Kernel rows padded to 64 bytes; the same bytes when they already are.
-  const int64_t spans_k = g.kernel_h * k::conv_span_bytes(g);
-  at::Tensor spans;
+  // The weight layout of the implicit kernel (kernel rows padded to 64 bytes), unless it is the
+  // packed one.
+  at::Tensor repacked;
   const int8_t* w = packed;
-  if (g.kernel_w * g.in_channels != k::conv_span_bytes(g)) {
-    spans = at::empty({static_cast<int64_t>(k::packed_weight_bytes(g.out_channels, spans_k))},
-                      x.options().dtype(at::kChar));
-    k::pack_conv_weight_spans(packed, g, spans.data_ptr<int8_t>());
-    w = spans.data_ptr<int8_t>();
+  if (!k::conv_implicit_weight_is_packed(g)) {
+    repacked = at::empty(
+        {static_cast<int64_t>(k::packed_weight_bytes(g.out_channels, k::conv_implicit_k(g)))},
+        x.options().dtype(at::kChar));
+    k::pack_conv_weight_implicit(packed, g, repacked.data_ptr<int8_t>());
+    w = repacked.data_ptr<int8_t>();
   }
   constexpr int64_t kTargetPixels = 512;
   const int64_t padded_w = g.in_w + 2 * g.pad_w;
