@@ -155,6 +155,11 @@ CONV_CASES = [
     (2, 16, 6, 6, 16, 3, 1, 1, 1, 16),  # depthwise
     (1, 24, 9, 9, 24, 5, 2, 2, 1, 24),  # depthwise 5x5 stride 2
     (1, 32, 5, 5, 64, 1, 1, 0, 1, 1),  # 1x1
+    # stride 1 on AMX: the implicit GEMM reading A rows from the padded input, from per-pixel patches,
+    # from per-pixel kernel-row spans
+    (2, 64, 9, 11, 40, 3, 1, 1, 1, 1),
+    (1, 32, 12, 12, 64, 3, 1, 0, 1, 1),
+    (1, 100, 6, 6, 20, 3, 1, 1, 1, 1),
 ]
 
 
