@@ -1,12 +1,12 @@
 // AMX path of the implicit-GEMM convolution (qconv.h: conv2d_implicit_u8s8). Compiled with the
 // AVX-512 and AMX flags (CMakeLists.txt); reached only when isa_supported(Isa::kAmx).
 //
-// One call: copy the padded input rows into the per-thread buffer, then for each 32-column stripe
+// One call: copy the padded input rows into the per-thread buffer (and, unless they can be read in
+// place, gather each virtual pixel's row of A: see Rows), then for each 32-column stripe
 // of the weight (kept in L1) run the 32-row blocks of virtual pixels through the tile unit
 // (amx_tiles.h), each block's sums stored to one of two scratch blocks; the AVX-512 epilogue
 // (epilogue_avx512.h, set up once per stripe) of a block runs in slices between the next block's
 // tile instructions, and writes only the pixels with ow < out_w.
-
 #include <immintrin.h>
 
 #include <algorithm>
