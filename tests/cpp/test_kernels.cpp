@@ -1,5 +1,5 @@
-// The AVX2 float32 kernels against the scalar reference kernels, bit for bit, and the reference
-// against hand-computed cases.
+// The AVX2 float32 kernels (fake quantization, quantize, dequantize) against the scalar reference
+// kernels, bit for bit, and the reference against hand-computed cases.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -7,6 +7,8 @@
 #include <cstring>
 #include <limits>
 #include <random>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "qext/kernels/fake_quantize_avx2.h"
@@ -200,6 +202,126 @@ TEST_F(Avx2Kernels, LearnableGradMatchesReference) {
       for (size_t c = 0; c < sums; ++c) {
         EXPECT_NEAR(ds_ref[c], ds_avx[c], 1e-6 * (1.0 + ds_mag[c])) << "c=" << c;
         EXPECT_NEAR(dz_ref[c], dz_avx[c], 1e-6 * (1.0 + dz_mag[c])) << "c=" << c;
+      }
+    }
+  }
+}
+
+TEST(QuantizeReference, HandComputedCases) {
+  const float scale = 0.5f, inv = 2.0f;
+  const float zero_point = 3.0f;
+  const QuantizerRow row{&scale, &inv, &zero_point, 0, 0.0f, 15.0f};
+  // 1.3 -> 2.6 -> 3 (+3) = 6; ties to even: 0.25 -> 0.5 -> 0, 0.75 -> 1.5 -> 2; clamped at 0 and
+  // 15; -0.0 -> 3; +-inf saturate.
+  const float inf = std::numeric_limits<float>::infinity();
+  const std::vector<float> x{1.3f, 0.25f, 0.75f, -10.0f, 100.0f, -0.0f, inf, -inf};
+  std::vector<uint8_t> q(x.size());
+  ASSERT_TRUE(quantize_row_ref(x.data(), q.data(), static_cast<int64_t>(x.size()), row));
+  EXPECT_EQ(q, (std::vector<uint8_t>{6, 3, 5, 0, 15, 3, 15, 0}));
+  std::vector<float> back(q.size());
+  dequantize_row_ref(q.data(), back.data(), static_cast<int64_t>(q.size()), row);
+  EXPECT_EQ(back, (std::vector<float>{1.5f, 0.0f, 1.0f, -1.5f, 6.0f, 0.0f, 6.0f, -1.5f}));
+  const float with_nan[] = {1.0f, std::nanf("")};
+  EXPECT_FALSE(quantize_row_ref(with_nan, q.data(), 2, row));
+}
+
+// Random values spread far beyond the range, exact ties (k + 0.5) * scale, +-0.0 and +-inf.
+std::vector<float> make_quantize_input(int64_t n, float scale, std::mt19937& rng) {
+  std::normal_distribution<float> dist(0.0f, 2000.0f);
+  const float inf = std::numeric_limits<float>::infinity();
+  std::vector<float> x(n);
+  for (int64_t i = 0; i < n; ++i) {
+    switch (i % 13) {
+      case 2:
+      case 5:
+        x[i] = (std::floor(dist(rng) / 16.0f) + 0.5f) * scale;
+        break;
+      case 7:
+        x[i] = i % 2 ? -0.0f : 0.0f;
+        break;
+      case 11:
+        x[i] = i % 2 ? inf : -inf;
+        break;
+      default:
+        x[i] = dist(rng) * scale / 16.0f;
+    }
+  }
+  return x;
+}
+
+template <typename Q>
+class QuantizeRowAvx2 : public Avx2Kernels {};
+
+using StorageTypes = ::testing::Types<uint8_t, int8_t, int32_t>;
+TYPED_TEST_SUITE(QuantizeRowAvx2, StorageTypes);
+
+// Ranges inside the storage type Q, the full type range among them (int32: the 17-bit span).
+template <typename Q>
+std::vector<std::pair<int32_t, int32_t>> ranges_of() {
+  if constexpr (std::is_same_v<Q, uint8_t>) return {{0, 255}, {0, 15}, {3, 200}};
+  if constexpr (std::is_same_v<Q, int8_t>) return {{-128, 127}, {-8, 7}, {-127, 127}};
+  return {{-65536, 65535}, {-32768, 32767}, {0, 65535}, {-8, 7}};
+}
+
+TYPED_TEST(QuantizeRowAvx2, MatchesReferenceBitForBit) {
+  using Q = TypeParam;
+  std::mt19937 rng(3);
+  for (const auto& [quant_min, quant_max] : ranges_of<Q>()) {
+    for (int64_t step : {0, 1}) {
+      for (int64_t n : {1, 7, 8, 9, 15, 16, 17, 63, 1000, 1003}) {
+        const Channels ch = make_channels(step ? n : 1, quant_min, quant_max, rng);
+        const std::vector<float> x = make_quantize_input(n, ch.scale[0], rng);
+        std::vector<Q> q_ref(n), q_avx(n);
+        ASSERT_TRUE(quantize_row_ref(x.data(), q_ref.data(), n, ch.row(0, step)));
+        ASSERT_TRUE(quantize_row_avx2(x.data(), q_avx.data(), n, ch.row(0, step)));
+        ASSERT_EQ(q_ref, q_avx) << "range [" << quant_min << ", " << quant_max << "] n=" << n
+                                << " step=" << step;
+
+        std::vector<float> x_ref(n), x_avx(n);
+        dequantize_row_ref(q_ref.data(), x_ref.data(), n, ch.row(0, step));
+        dequantize_row_avx2(q_ref.data(), x_avx.data(), n, ch.row(0, step));
+        for (int64_t i = 0; i < n; ++i)
+          ASSERT_TRUE(same_bits(x_ref[i], x_avx[i])) << "i=" << i << " q=" << +q_ref[i];
+      }
+    }
+  }
+}
+
+TYPED_TEST(QuantizeRowAvx2, DequantizesEveryStoredValue) {
+  using Q = TypeParam;
+  // Every value of the type (int32: a spread of large ones), whatever the range it came from.
+  std::vector<Q> q;
+  if constexpr (sizeof(Q) == 1) {
+    for (int v = std::numeric_limits<Q>::min(); v <= std::numeric_limits<Q>::max(); ++v)
+      q.push_back(static_cast<Q>(v));
+  } else {
+    std::mt19937 rng(4);
+    for (int i = 0; i < 1001; ++i) q.push_back(static_cast<Q>(rng()));
+  }
+  std::mt19937 rng(5);
+  for (int64_t step : {0, 1}) {
+    const auto n = static_cast<int64_t>(q.size());
+    const Channels ch = make_channels(step ? n : 1, -128, 127, rng);
+    std::vector<float> x_ref(n), x_avx(n);
+    dequantize_row_ref(q.data(), x_ref.data(), n, ch.row(0, step));
+    dequantize_row_avx2(q.data(), x_avx.data(), n, ch.row(0, step));
+    for (int64_t i = 0; i < n; ++i) ASSERT_TRUE(same_bits(x_ref[i], x_avx[i])) << "i=" << i;
+  }
+}
+
+TYPED_TEST(QuantizeRowAvx2, ReportsNaNAnywhere) {
+  using Q = TypeParam;
+  std::mt19937 rng(6);
+  const auto [quant_min, quant_max] = ranges_of<Q>()[0];
+  for (int64_t n : {1, 8, 9, 40}) {
+    for (int64_t step : {0, 1}) {
+      const Channels ch = make_channels(step ? n : 1, quant_min, quant_max, rng);
+      for (int64_t at = 0; at < n; ++at) {
+        std::vector<float> x = make_quantize_input(n, ch.scale[0], rng);
+        x[at] = std::numeric_limits<float>::quiet_NaN();
+        std::vector<Q> q(n);
+        EXPECT_FALSE(quantize_row_avx2(x.data(), q.data(), n, ch.row(0, step)))
+            << "NaN at " << at << " of " << n;
       }
     }
   }

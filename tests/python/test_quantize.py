@@ -12,6 +12,7 @@ from qext_testing import (
     make_expanded,
     make_layout,
     normalise_axis,
+    param_view,
     quant_range,
     random_case,
     random_input,
@@ -243,3 +244,78 @@ def test_functional_is_the_operator(device):
     q = torch.ops.qext.quantize(x, s, z, -8, 7, 1, None)
     assert torch.equal(qext.quantize(x, s, z, -8, 7, axis=1), q)
     assert torch.equal(qext.dequantize(q, s, z, axis=1), torch.ops.qext.dequantize(q, s, z, 1, None))
+
+
+def formula_quantize(x, scale, zp, qmin, qmax, axis):
+    """The documented formula in float64, independent of the kernels: the float32 product
+    x * (1 / scale) (exact in float64, then rounded to float32), rounded half to even, plus the zero
+    point, clamped; +-inf saturate."""
+    inv = (1.0 / scale.to(torch.float32)).to(torch.float64)
+    if axis is not None:
+        inv, zp = param_view(inv, x, axis), param_view(zp, x, axis)
+    product = (x.to(torch.float64) * inv).to(torch.float32).to(torch.float64)
+    return (torch.round(product) + zp.to(torch.float64)).clamp(qmin, qmax).to(torch.int64)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("axis", [None, -1, 0])
+@pytest.mark.parametrize(
+    "qmin,qmax", [(0, 255), (-128, 127), (0, 15), (-8, 7), (-32768, 32767), (0, 65535), (-1000, 3000)]
+)
+def test_float32_matches_float64_formula(qmin, qmax, axis, device):
+    """Every storage dtype, lengths around the 8-wide SIMD blocks and over several threads' chunks,
+    exact ties (power-of-two scales make x * (1 / scale) = k + 0.5 exact), -0.0, +-inf, values far outside
+    the range; per-channel along the innermost axis (one quantizer per element) and the outermost."""
+    gen = torch.Generator().manual_seed(qmax - qmin)
+    span = qmax - qmin
+    for n in (1, 7, 8, 9, 31, 100003):
+        shape = [3, n]
+        channels = 1 if axis is None else shape[axis]
+        scale = 2.0 ** torch.randint(-8, 2, (channels,), generator=gen).to(torch.float32)
+        zp = torch.randint(qmin, qmax + 1, (channels,), generator=gen, dtype=torch.int32)
+        view_scale = scale if axis is None else param_view(scale, torch.empty(shape), axis)
+        levels = torch.randint(-span, span, shape, generator=gen).to(torch.float32)
+        x = (levels + 0.5) * view_scale  # ties
+        random = torch.randn(shape, generator=gen) * span * view_scale
+        pick = torch.rand(shape, generator=gen)
+        x = torch.where(pick < 0.5, random, x)
+        flat = x.view(-1)
+        flat[::97] = -0.0
+        flat[5::101] = float("inf")
+        flat[7::103] = -float("inf")
+        flat[11::89] = 1e30
+        q = qext.quantize(x.to(device), scale.to(device), zp.to(device), qmin, qmax, axis=axis).cpu()
+        assert q.dtype == default_storage(qmin, qmax)
+        expected = formula_quantize(x, scale, zp, qmin, qmax, axis)
+        bad = q.to(torch.int64) != expected
+        assert not bad.any(), (
+            f"n={n}: x={x[bad][:5].tolist()} qext={q[bad][:5].tolist()} ref={expected[bad][:5].tolist()}"
+        )
+        d = qext.dequantize(q.to(device), scale.to(device), zp.to(device), axis=axis).cpu()
+        zv = zp if axis is None else param_view(zp, x, axis)
+        assert torch.equal(d, (q.to(torch.float32) - zv.to(torch.float32)) * view_scale)
+
+
+@pytest.mark.parametrize("shape", [[1, 10], [64, 10], [8, 16, 14, 14]])
+@pytest.mark.parametrize("qdtype", [torch.quint8, torch.qint8, torch.qint32])
+def test_quantize_dequantize_modules(shape, qdtype):
+    """Quantize / DeQuantize and the helpers behind them are the operators: (small inputs copy the levels,
+    large ones view them; non-contiguous inputs too)."""
+    from qext.nn import _utils
+    from qext.nn.quantized.modules import DeQuantize, Quantize
+
+    gen = torch.Generator().manual_seed(len(shape))
+    qmin, qmax = {torch.quint8: (0, 255), torch.qint8: (-128, 127), torch.qint32: (-1000, 1000)}[qdtype]
+    x = torch.randn(shape, generator=gen) * 3
+    scale, zp = torch.tensor([0.037]), torch.tensor([max(qmin, 5)], dtype=torch.int32)
+    xq = Quantize(scale, zp, qmin, qmax)(x)
+    assert xq.dtype == qdtype and xq.q_scale() == float(scale) and xq.q_zero_point() == int(zp)
+    assert torch.equal(xq.int_repr().to(torch.int64), qext.quantize(x, scale, zp, qmin, qmax).to(torch.int64))
+    for y in (xq, xq.transpose(0, -1)):
+        expected = qext.dequantize(y.int_repr(), scale, zp)
+        assert torch.equal(_utils.dequantize_any(y), expected)
+        assert torch.equal(DeQuantize()(y), expected)
+    # A quantized input is requantized; a float input passes DeQuantize unchanged.
+    assert torch.equal(Quantize(scale * 2, zp, qmin, qmax)(xq).int_repr(),
+                       qext.quantize(DeQuantize()(xq), scale * 2, zp, qmin, qmax))
+    assert DeQuantize()(x) is x

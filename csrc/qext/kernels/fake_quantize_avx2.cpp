@@ -192,7 +192,103 @@ void learnable_grad_row_per_element(const float* x, const float* dy, float* dx, 
   learnable_grad_row_ref(x + i, dy + i, dx + i, n - i, row.from(i), dscale_sum + i, dzp_sum + i);
 }
 
+// 8 int32 lanes (values that fit Q) stored as 8 Q.
+inline void store8(int32_t* q, __m256i v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), v); }
+
+inline __m128i pack_to_int16(__m256i v) {
+  return _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+}
+
+inline void store8(uint8_t* q, __m256i v) {
+  const __m128i w = pack_to_int16(v);
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(q), _mm_packus_epi16(w, w));
+}
+
+inline void store8(int8_t* q, __m256i v) {
+  const __m128i w = pack_to_int16(v);
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(q), _mm_packs_epi16(w, w));
+}
+
+// 8 Q widened to int32 lanes.
+inline __m256i load8(const int32_t* q) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+}
+
+inline __m256i load8(const uint8_t* q) {
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q)));
+}
+
+inline __m256i load8(const int8_t* q) {
+  return _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q)));
+}
+
+// Calls body(i, params) for the blocks [i, i + 8) of [0, n) and returns where they end. The
+// constants of a uniform row are broadcast once, outside the loop (stores through Q* may alias the
+// row, so the compiler could not hoist them itself).
+template <bool kPerElement, typename Body>
+int64_t for_each_block8(const QuantizerRow& row, int64_t n, Body&& body) {
+  int64_t i = 0;
+  if constexpr (kPerElement) {
+    for (; i + 8 <= n; i += 8) body(i, Params8<true>(row, i));
+  } else {
+    const Params8<false> p(row, 0);
+    for (; i + 8 <= n; i += 8) body(i, p);
+  }
+  return i;
+}
+
+// The reference clamps nearbyint(v) + z to [lo, hi] in float (v = x * inv_scale). This computes
+// nearbyint(clamp(v, lo - z, hi - z)) + z in int32 instead, three float operations fewer: rounding
+// is monotone and keeps integers, so clamping to integer bounds commutes with it, and where the
+// float sum of the reference rounds (|v| >= 2^24) both clamp to the same bound. cvtps2dq rounds in
+// the current rounding mode, as std::nearbyint does.
+template <bool kPerElement, typename Q>
+bool quantize_row(const float* x, Q* q, int64_t n, const QuantizerRow& row) {
+  const __m256 lo = _mm256_set1_ps(row.quant_min), hi = _mm256_set1_ps(row.quant_max);
+  __m256 nan = _mm256_setzero_ps();  // lanes that saw a NaN
+  const int64_t end = for_each_block8<kPerElement>(row, n, [&](int64_t i, const auto& p) {
+    const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(x + i), p.inv_scale);
+    nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    const __m256 clamped = _mm256_min_ps(_mm256_sub_ps(hi, p.zero_point),
+                                         _mm256_max_ps(_mm256_sub_ps(lo, p.zero_point), v));
+    // Integers inside Q's range: the packing in store8 is exact.
+    store8(q + i, _mm256_add_epi32(_mm256_cvtps_epi32(clamped), _mm256_cvtps_epi32(p.zero_point)));
+  });
+  return _mm256_testz_ps(nan, nan) && quantize_row_ref(x + end, q + end, n - end, row.from(end));
+}
+
+template <bool kPerElement, typename Q>
+void dequantize_row(const Q* q, float* x, int64_t n, const QuantizerRow& row) {
+  const int64_t end = for_each_block8<kPerElement>(row, n, [&](int64_t i, const auto& p) {
+    const __m256 v = _mm256_cvtepi32_ps(load8(q + i));
+    _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_sub_ps(v, p.zero_point), p.scale));
+  });
+  dequantize_row_ref(q + end, x + end, n - end, row.from(end));
+}
+
 }  // namespace
+
+template <typename Q>
+bool quantize_row_avx2(const float* x, Q* q, int64_t n, const QuantizerRow& row) {
+  return row.step == 0 ? quantize_row<false>(x, q, n, row) : quantize_row<true>(x, q, n, row);
+}
+
+template <typename Q>
+void dequantize_row_avx2(const Q* q, float* x, int64_t n, const QuantizerRow& row) {
+  if (row.step == 0) {
+    dequantize_row<false>(q, x, n, row);
+  } else {
+    dequantize_row<true>(q, x, n, row);
+  }
+}
+
+#define QEXT_INSTANTIATE_QUANTIZE_ROWS(Q)                                             \
+  template bool quantize_row_avx2<Q>(const float*, Q*, int64_t, const QuantizerRow&); \
+  template void dequantize_row_avx2<Q>(const Q*, float*, int64_t, const QuantizerRow&);
+QEXT_INSTANTIATE_QUANTIZE_ROWS(uint8_t)
+QEXT_INSTANTIATE_QUANTIZE_ROWS(int8_t)
+QEXT_INSTANTIATE_QUANTIZE_ROWS(int32_t)
+#undef QEXT_INSTANTIATE_QUANTIZE_ROWS
 
 void fake_quantize_row_avx2(const float* x, float* y, int64_t n, const QuantizerRow& row,
                             uint8_t* mask, int64_t mask_bit0, Store store) {

@@ -74,6 +74,32 @@ inline T fake_quantize_value(T x, const AffineQuantizer& q, bool* in_range) {
   return static_cast<T>((clamped - static_cast<A>(q.zero_point)) * static_cast<A>(q.scale));
 }
 
+// q[i] = the clamped level of x[i] with quantizer row.at(i), stored as the integer type Q (whose
+// range must hold [quant_min, quant_max]). Returns false at the first NaN input, which has no
+// level; q is then only partly written.
+template <typename T, typename Q>
+bool quantize_row_ref(const T* x, Q* q, int64_t n, const QuantizerRow& row) {
+  using A = acc_t<T>;
+  const A lo = static_cast<A>(row.quant_min), hi = static_cast<A>(row.quant_max);
+  for (int64_t i = 0; i < n; ++i) {
+    const A level = quant_level(x[i], row.at(i));
+    if (level != level) return false;
+    q[i] = static_cast<Q>(clamp_keep_nan(level, lo, hi));
+  }
+  return true;
+}
+
+// x[i] = (q[i] - zero_point) * scale with quantizer row.at(i), computed in acc_t<T>.
+template <typename Q, typename T>
+void dequantize_row_ref(const Q* q, T* x, int64_t n, const QuantizerRow& row) {
+  using A = acc_t<T>;
+  for (int64_t i = 0; i < n; ++i) {
+    const AffineQuantizer p = row.at(i);
+    x[i] = static_cast<T>((static_cast<A>(q[i]) - static_cast<A>(p.zero_point)) *
+                          static_cast<A>(p.scale));
+  }
+}
+
 inline void set_mask_bit(uint8_t* mask, int64_t bit) {
   mask[bit >> 3] |= static_cast<uint8_t>(1u << (bit & 7));
 }

@@ -10,6 +10,7 @@ functions here (``spec``, ``calculate_qparams``, ``observer.has_data``, ``initia
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Optional
 
@@ -104,28 +105,53 @@ def qtensor_dtype(quant_min: int, quant_max: int) -> torch.dtype:
 _INT_STORAGE = {torch.quint8: torch.uint8, torch.qint8: torch.int8, torch.qint32: torch.int32}
 
 
-def make_qtensor(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int, quant_max: int):
+def make_qtensor(q: torch.Tensor, scale, zero_point, quant_min: int, quant_max: int):
     """Wraps integer levels ``q`` (any integer dtype, values in [quant_min, quant_max]) as a PyTorch
-    per-tensor affine quantized tensor (quint8 / qint8 / qint32)."""
+    per-tensor affine quantized tensor (quint8 / qint8 / qint32). ``scale`` and ``zero_point``: numbers or
+    one-element tensors."""
     storage = _INT_STORAGE[qtensor_dtype(quant_min, quant_max)]
-    return torch._make_per_tensor_quantized_tensor(q.to(storage), float(scale.reshape(-1)[0]), int(zero_point.reshape(-1)[0]))
+    if q.dtype != storage:  # qext.quantize already stores this dtype; even a no-op .to() costs 1 us
+        q = q.to(storage)
+    return torch._make_per_tensor_quantized_tensor(q, float(scale), int(zero_point))
+
+
+# From this many elements on, qtensor_levels views the quantized tensor's memory instead of copying it
+# with int_repr (not vectorized in torch: about 0.5 ns per element, against a few us for the view).
+_LEVELS_VIEW_NUMEL = 4096
 
 
 def qtensor_levels(x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
-    """(integer levels, scale, zero point) of a per-tensor affine quantized tensor."""
+    """(integer levels, scale, zero point) of a per-tensor affine quantized tensor. The levels may share
+    ``x``'s memory: read them, do not write them."""
     if x.qscheme() not in (torch.per_tensor_affine, torch.per_tensor_symmetric):
         raise TypeError(f"expected a per-tensor quantized tensor, got qscheme {x.qscheme()}")
-    return x.int_repr(), x.q_scale(), x.q_zero_point()
+    # A trace would record the view's storage as a constant (and numel() as a traced value): traces copy.
+    if torch.jit.is_tracing() or x.numel() < _LEVELS_VIEW_NUMEL:
+        levels = x.int_repr()
+    else:
+        levels = torch.empty(0, dtype=_INT_STORAGE[x.dtype], device=x.device).set_(
+            x.untyped_storage(), x.storage_offset(), x.size(), x.stride()
+        )
+    return levels, x.q_scale(), x.q_zero_point()
+
+
+@functools.lru_cache(maxsize=256)
+def _qparam_tensors(scale: float, zero_point: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``scale`` and ``zero_point`` as the one-element tensors the ops take. Cached: a converted model meets
+    the same few pairs on every call, and building two tensors costs more than dequantizing a small
+    activation. Made outside inference mode, so a pair first met there serves ordinary calls too; the ops
+    only read them."""
+    with torch.inference_mode(False):
+        return (torch.tensor([scale], dtype=torch.float32, device=device),
+                torch.tensor([zero_point], dtype=torch.int32, device=device))
 
 
 def dequantize_any(x):
     """float32 values of a quantized tensor, exactly ``(q - z) * s`` as qext's fake-quant computes them;
     other inputs are returned unchanged."""
     if isinstance(x, torch.Tensor) and x.is_quantized:
-        from ..functional import dequantize
-
         q, s, z = qtensor_levels(x)
-        return dequantize(q, torch.tensor([s], dtype=torch.float32, device=q.device), z)
+        return torch.ops.qext.dequantize.default(q, *_qparam_tensors(s, z, q.device), None, None)
     return x
 
 

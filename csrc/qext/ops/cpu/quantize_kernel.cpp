@@ -1,38 +1,47 @@
-// CPU kernels of quantize / dequantize (scalar loops over channel runs, parallel over blocks).
+// CPU kernels of quantize / dequantize. The row loops live in qext/kernels (AVX2 for float32 when
+// the CPU has it, the scalar reference otherwise); this file splits the tensor into rows of one
+// quantizer and spreads them over threads.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <atomic>
-#include <cmath>
+#include <type_traits>
 
+#include "qext/kernels/fake_quantize_avx2.h"
 #include "qext/kernels/fake_quantize_ref.h"
 #include "qext/ops/common/quant_params.h"
+#include "qext/ops/cpu/quantizer_rows.h"
 
 namespace qext::ops {
 namespace {
 
+using detail::for_each_row;
 using detail::QuantParams;
+using kernels::QuantizerRow;
 
 constexpr int64_t kGrain = 32768;
 
-// Calls f(begin, end, channel) for the runs of [begin, end) that belong to one channel.
-template <typename F>
-void for_each_channel_run(const QuantParams& p, int64_t begin, int64_t end, F&& f) {
-  const auto& l = p.layout;
-  if (l.channels == 1) {
-    f(begin, end, 0);
-    return;
+// Row kernels: AVX2 for float32 where the CPU has it, the scalar reference otherwise.
+template <typename T, typename Q>
+bool quantize_row(const T* x, Q* q, int64_t n, const QuantizerRow& row) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (kernels::cpu_has_avx2()) return kernels::quantize_row_avx2(x, q, n, row);
   }
-  for (int64_t pos = begin; pos < end;) {
-    const int64_t channel = (pos / l.inner) % l.channels;
-    const int64_t len = std::min(end - pos, l.inner - pos % l.inner);
-    f(pos, pos + len, channel);
-    pos += len;
+  return kernels::quantize_row_ref(x, q, n, row);
+}
+
+template <typename Q, typename T>
+void dequantize_row(const Q* q, T* x, int64_t n, const QuantizerRow& row) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (kernels::cpu_has_avx2()) {
+      kernels::dequantize_row_avx2(q, x, n, row);
+      return;
+    }
   }
+  kernels::dequantize_row_ref(q, x, n, row);
 }
 
 at::Tensor quantize_cpu(const at::Tensor& input, const at::Tensor& scale,
@@ -46,26 +55,13 @@ at::Tensor quantize_cpu(const at::Tensor& input, const at::Tensor& scale,
   at::Tensor q = at::empty_like(x, x.options().dtype(out_type));
   std::atomic<bool> saw_nan{false};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "quantize", [&] {
-    using in_t = scalar_t;
-    const in_t* in = x.const_data_ptr<in_t>();
+    const scalar_t* in = x.const_data_ptr<scalar_t>();
     detail::visit_storage_type(out_type, [&](auto storage) {
       using out_t = decltype(storage);
       out_t* out = q.mutable_data_ptr<out_t>();
       at::parallel_for(0, x.numel(), kGrain, [&](int64_t begin, int64_t end) {
-        for_each_channel_run(p, begin, end, [&](int64_t b, int64_t e, int64_t c) {
-          const kernels::AffineQuantizer qz{p.scale[c], p.inv_scale[c], p.zero_point[c],
-                                            static_cast<float>(quant_min),
-                                            static_cast<float>(quant_max)};
-          for (int64_t i = b; i < e; ++i) {
-            const auto level = kernels::quant_level(in[i], qz);
-            if (level != level) {
-              saw_nan = true;
-              return;
-            }
-            using acc = kernels::acc_t<in_t>;
-            out[i] = static_cast<out_t>(kernels::clamp_keep_nan<acc>(
-                level, static_cast<acc>(quant_min), static_cast<acc>(quant_max)));
-          }
+        for_each_row(p, begin, end, [&](int64_t pos, int64_t len, const QuantizerRow& row) {
+          if (!quantize_row(in + pos, out + pos, len, row)) saw_nan = true;
         });
       });
     });
@@ -85,17 +81,13 @@ at::Tensor dequantize_cpu(const at::Tensor& input, const at::Tensor& scale,
   const at::ScalarType out_type = args.out_type;
   at::Tensor x = at::empty_like(q, q.options().dtype(out_type));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_type, "dequantize", [&] {
-    using out_t = scalar_t;
-    using acc = kernels::acc_t<out_t>;
-    out_t* out = x.mutable_data_ptr<out_t>();
+    scalar_t* out = x.mutable_data_ptr<scalar_t>();
     detail::visit_storage_type(q.scalar_type(), [&](auto storage) {
       using in_t = decltype(storage);
       const in_t* in = q.const_data_ptr<in_t>();
       at::parallel_for(0, q.numel(), kGrain, [&](int64_t begin, int64_t end) {
-        for_each_channel_run(p, begin, end, [&](int64_t b, int64_t e, int64_t c) {
-          const acc zp = p.zero_point[c], s = p.scale[c];
-          for (int64_t i = b; i < e; ++i)
-            out[i] = static_cast<out_t>((static_cast<acc>(in[i]) - zp) * s);
+        for_each_row(p, begin, end, [&](int64_t pos, int64_t len, const QuantizerRow& row) {
+          dequantize_row(in + pos, out + pos, len, row);
         });
       });
     });

@@ -50,11 +50,6 @@ def _pair(v) -> list:
     return list(v) if isinstance(v, (tuple, list)) else [v, v]
 
 
-def _quantize_output(y: torch.Tensor, scale, zero_point, quant_min: int, quant_max: int) -> torch.Tensor:
-    q = quantize(y.float(), scale, zero_point, quant_min, quant_max)
-    return _utils.make_qtensor(q, scale, zero_point, quant_min, quant_max)
-
-
 class _QuantizedBase(nn.Module):
     """Output quantization parameters, the module's name (for messages) and the extra-state check."""
 
@@ -97,7 +92,11 @@ class _QuantizedBase(nn.Module):
     def _finish(self, y: torch.Tensor) -> torch.Tensor:
         if self.scale is None:
             return y
-        return _quantize_output(y, self.scale, self.zero_point, self.out_quant_min, self.out_quant_max)
+        # The op straight from the buffers and the qtensor from the cached numbers: on small activations
+        # the Python wrappers and tensor reads cost more than the quantization.
+        scale, zero_point, quant_min, quant_max = self._output_args_value
+        q = torch.ops.qext.quantize.default(y.float(), self.scale, self.zero_point, quant_min, quant_max, None, None)
+        return _utils.make_qtensor(q, scale, zero_point, quant_min, quant_max)
 
     def _layout(self) -> dict:
         return {"output": None if self.scale is None else [self.out_quant_min, self.out_quant_max]}
