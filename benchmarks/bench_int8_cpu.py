@@ -9,7 +9,8 @@ alike):
            ``quantized_linear`` (the ISA qext picks, and each ISA this CPU runs) vs torch.ao.nn.quantized.Linear
            on the fbgemm, x86 and onednn engines, and fp32 F.linear (MKL). uint8 input, per-channel int8
            weights, requantized uint8 output for all int8 variants. Also GMAC/s against the AVX2 int8 peak
-           (32 MAC / cycle / core at ``--ghz``).
+           (32 MAC / cycle / core at ``--ghz``). The input has levels 0..255; "qext[avx2] 7-bit" feeds the
+           same x as 7-bit levels 0..127 (the int8_avx2 preset), which the AVX2 path runs with vpmaddubsw.
   conv     3x3 convolution 8x64x56x56 -> 64 (padding 1), channels-last and NCHW inputs, the same engines.
   model    the Fashion-MNIST CNN of examples/fashion_mnist_workflow.py (32-64-64 conv-BN-ReLU, two
            max-pools, 128-unit hidden layer) at batch 1 and 64: fp32 eval model, qext.convert of its
@@ -97,13 +98,17 @@ def linear_variants(M: int, K: int, N: int) -> dict:
     packed, sums = ops.pack_quantized_weight(qw.int_repr(), 1)
     ws = w_scale.float()
 
-    def qext_linear():
+    qx7 = torch.quantize_per_tensor(x, float(x.abs().max() / 63), 64, torch.quint8)  # levels 0..127
+
+    def qext_linear(qx=qx):
         return ops.quantized_linear(qx, packed, sums, [N, K], ws, bias, out_scale, 128, 0, 255, False)
 
     fns = {"qext": qext_linear}
     for isa in qext._C.supported_int8_isas():
         if isa != "scalar":
             fns[f"qext[{isa}]"] = with_isa(isa, qext_linear)
+    if "avx2" in qext._C.supported_int8_isas():
+        fns["qext[avx2] 7-bit"] = with_isa("avx2", lambda: qext_linear(qx7))
     for eng in ENGINES:
         torch.backends.quantized.engine = eng
         lin = torch.ao.nn.quantized.Linear(K, N)

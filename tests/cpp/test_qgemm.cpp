@@ -604,6 +604,76 @@ TEST_P(QgemmIsa, EmptyProblemsWriteNothing) {
   check(q, "K=0");
 }
 
+// 7-bit activations (levels 0..127, the int8_avx2 preset's reduce_range) take the AVX2 path's
+// vpmaddubsw kernel; its int16 pair sums are exact there only because a <= 127.
+void make_7bit(Problem& p, Fill fill, std::mt19937& rng) {
+  for (auto& v : p.a) v = fill == Fill::kMax ? 127 : fill == Fill::kMin ? 0 : rng() % 128;
+}
+
+TEST_P(QgemmIsa, SevenBitActivationsBitIdentical) {
+  // Random 7-bit A over the edge shapes: M = 1 and off the 4-row blocks, N off the 16-column
+  // blocks, K off the 4-byte groups and the 64-byte packing.
+  std::mt19937 rng(127);
+  for (int64_t M : {1, 2, 3, 4, 5, 9, 33}) {
+    for (int64_t N : {1, 15, 16, 17, 50}) {
+      for (int64_t K : {1, 2, 3, 4, 5, 63, 64, 65, 130, 1001}) {
+        Problem p = make_problem(M, N, K, rng);
+        make_7bit(p, Fill::kRandom, rng);
+        check(p, "7-bit random");
+        if (HasFatalFailure()) return;
+      }
+    }
+  }
+}
+
+TEST_P(QgemmIsa, SevenBitExtremesBitIdentical) {
+  // a = 127 against w = -128 or 127 everywhere: every int16 pair sum at its largest magnitude,
+  // 2 * 127 * -128 = -32512 and 2 * 127 * 127 = 32258, one step inside int16.
+  std::mt19937 rng(128);
+  for (Fill af : {Fill::kMax, Fill::kRandom}) {
+    for (Fill wf : {Fill::kMin, Fill::kMax}) {
+      for (int32_t azp : {0, 64, 127, 255}) {
+        for (int64_t K : {1, 3, 67, 1000}) {
+          for (int64_t M : {1, 6}) {
+            Problem p = make_problem(M, 21, K, rng, Fill::kRandom, wf);
+            make_7bit(p, af, rng);
+            p.a_zero_point = azp;
+            check(p, "7-bit extreme");
+            if (HasFatalFailure()) return;
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST_P(QgemmIsa, OneHighActivationByteTakesExactPath) {
+  // All of A at 127 but one byte of 128..255, against weights of -128 (or 127): the call must see
+  // the byte wherever it is and take the exact path. vpmaddubsw would saturate the byte's pair
+  // with the 127 beside it (255 * -128 + 127 * -128 = -48896; from 130 up), so a wrong path shows
+  // in the float outputs. Places: first / last row and a row past the 4-row blocks; first, middle
+  // and last k, the last one paired with a 127 (not with the zero padding of a partial group) and
+  // with K mod 32 != 0 in the scalar tail of the scan.
+  std::mt19937 rng(255);
+  for (Fill wf : {Fill::kMin, Fill::kMax}) {
+    for (int64_t K : {2, 38, 64, 518}) {
+      const int64_t M = 7;
+      for (int64_t m : {int64_t{0}, int64_t{4}, M - 1}) {
+        for (int64_t k : {int64_t{0}, K / 2 | 1, K - 1}) {
+          for (int high : {128, 131, 255}) {
+            Problem p = make_problem(M, 19, K, rng, Fill::kRandom, wf);
+            make_7bit(p, Fill::kMax, rng);
+            p.a[m * p.lda + k] = static_cast<uint8_t>(high);
+            check(p, "one high byte " + std::to_string(high) + " at m=" + std::to_string(m) +
+                         " k=" + std::to_string(k));
+            if (HasFatalFailure()) return;
+          }
+        }
+      }
+    }
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(AllIsas, QgemmIsa,
                          ::testing::Values(Isa::kAvx2, Isa::kAvx512Vnni, Isa::kAmx),
                          [](const ::testing::TestParamInfo<Isa>& info) {

@@ -1,19 +1,31 @@
 // AVX2 integer GEMM (no VNNI), bit-identical to the scalar reference (qgemm_ref.cpp).
 //
-// Exactness: vpmaddubsw (u8 x s8 -> pairwise sum saturated to int16) is not used: 255 * -128 * 2 =
-// -65280 does not fit int16. Instead both operands are widened to int16 (A zero-extended by
-// vpshufb, W sign-extended by shifts) and multiplied with vpmaddwd, whose pairwise sums of int16
-// products are int32: |a0 w0 + a2 w2| <= 2 * 255 * 128 = 65280, far from its one saturating case
-// (-32768 * -32768 twice). The int32 accumulators then wrap modulo 2^32 exactly like the
-// reference's uint32 sums, and the epilogue below is the reference's requantize() step by step.
+// Two micro-kernels read the same packed weight and share the K loop and the epilogue. Each call
+// scans its A once (M rows of K bytes, cheap next to the GEMM) and takes the 7-bit kernel when no
+// byte exceeds 127, the widening kernel otherwise. How each avoids int16 saturation:
+// - Widening (any uint8 A): vpmaddubsw (u8 x s8 -> pairwise sum saturated to int16) would not be
+//   exact, 255 * -128 * 2 = -65280 does not fit int16. Instead both operands are widened to int16
+//   (A zero-extended by vpshufb, W sign-extended by shifts) and multiplied with vpmaddwd, whose
+//   pairwise sums of int16 products are int32: |a0 w0 + a2 w2| <= 2 * 255 * 128 = 65280, far from
+//   its one saturating case (-32768 * -32768 twice).
+// - 7-bit (every A byte <= 127, e.g. the int8_avx2 preset's reduce_range levels 0..127):
+//   vpmaddubsw is exact there, |a0 w0 + a1 w1| <= 2 * 127 * 128 = 32512 < 32767, and vpmaddwd
+//   against int16 ones adds its pairs into int32 (|a0 w0 + ... + a3 w3| <= 65024, no saturation).
+// The int32 accumulators then wrap modulo 2^32 exactly like the reference's uint32 sums, and the
+// epilogue below is the reference's requantize() step by step.
 //
-// Blocking: 4 rows x 16 columns (one packed column block) per micro-kernel, K in the packed
-// 4-byte groups. One group of the packed weight (64 bytes = 16 columns x 4 k) is two ymm; in each
-// ymm the int16 word 2n holds (W[n][0], W[n][1]) and word 2n + 1 holds (W[n][2], W[n][3]), so
-// (word << 8) >> 8 (arithmetic) gives W[n][0] / W[n][2] and word >> 8 gives W[n][1] / W[n][3].
-// Against A broadcast as int16 words (a0, a2) and (a1, a3), two vpmaddwd give the 4-term dot
-// product of each column in its own int32 lane: columns 0..7 in one accumulator, 8..15 in the
-// other.
+// Blocking: 4 rows x 16 columns (one packed column block) per micro-kernel, K in the packed 4-byte
+// groups. One group of the packed weight (64 bytes = 16 columns x 4 k) is two ymm; each row has
+// two accumulators, columns 0..7 and 8..15, one int32 lane per column.
+// - Widening: in each weight ymm the int16 word 2n holds (W[n][0], W[n][1]) and word 2n + 1 holds
+//   (W[n][2], W[n][3]), so (word << 8) >> 8 (arithmetic) gives W[n][0] / W[n][2] and word >> 8
+//   gives W[n][1] / W[n][3]; against A broadcast as int16 words (a0, a2) and (a1, a3), two
+//   vpmaddwd give each column's 4-term dot product. Per row and group (64 MAC): 4 vpmaddwd,
+//   2 vpshufb, 4 vpaddd, and the weight shifts; about 12 MAC/cycle measured.
+// - 7-bit: the A dword (a0..a3) broadcast against the packed bytes as they are. Per row and group:
+//   2 vpmaddubsw, 2 vpmaddwd (ones), 2 vpaddd. The 4 multiplies bound it at 32 MAC/cycle (two
+//   multiply ports); the adds share those ports, about 24 MAC/cycle measured. More rows would
+//   not raise that bound, and with 5 or 6 rows GCC 12 spills accumulators.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -35,25 +47,26 @@ inline uint32_t load_u32(const uint8_t* p) {
   return v;
 }
 
-// acc[r][0..1] = sum over the first K k of A[r][k] * W[n][k], columns 0..7 / 8..15 of `block`.
-template <int MR>
-inline void kernel_4xk(int64_t K, const uint8_t* a, int64_t lda, const int8_t* block,
-                       __m256i (&acc)[kMr][2]) {
+inline __m256i load256(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+
+// acc[r][0..1] += the products of one packed group (16 columns x 4 k) with row r's A dword
+// a_dword(r), r < MR. Exact for any uint8 A (see the file comment).
+struct WideningKernel {
   // Byte j of each dword of the broadcast A: a_j. Zero-extend a0, a2 (a1, a3) to int16 words.
   const __m256i ctl02 = _mm256_set1_epi32(static_cast<int32_t>(0x80028000u));
   const __m256i ctl13 = _mm256_set1_epi32(static_cast<int32_t>(0x80038001u));
-  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
 
-  auto step = [&](const int8_t* group, const uint32_t(&av)[kMr]) {
-    const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(group));
-    const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(group + 32));
+  template <int MR, class ADword>
+  void step(const int8_t* group, ADword a_dword, __m256i (&acc)[kMr][2]) const {
+    const __m256i w0 = load256(group);
+    const __m256i w1 = load256(group + 32);
     const __m256i w0_13 = _mm256_srai_epi16(w0, 8);
     const __m256i w0_02 = _mm256_srai_epi16(_mm256_slli_epi16(w0, 8), 8);
     const __m256i w1_13 = _mm256_srai_epi16(w1, 8);
     const __m256i w1_02 = _mm256_srai_epi16(_mm256_slli_epi16(w1, 8), 8);
 #pragma GCC unroll 4
     for (int r = 0; r < MR; ++r) {
-      const __m256i ab = _mm256_set1_epi32(static_cast<int32_t>(av[r]));
+      const __m256i ab = _mm256_set1_epi32(static_cast<int32_t>(a_dword(r)));
       const __m256i a02 = _mm256_shuffle_epi8(ab, ctl02);
       const __m256i a13 = _mm256_shuffle_epi8(ab, ctl13);
       acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_add_epi32(_mm256_madd_epi16(w0_02, a02),
@@ -61,23 +74,71 @@ inline void kernel_4xk(int64_t K, const uint8_t* a, int64_t lda, const int8_t* b
       acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_add_epi32(_mm256_madd_epi16(w1_02, a02),
                                                                _mm256_madd_epi16(w1_13, a13)));
     }
-  };
-
-  const int64_t full = K / 4;
-  uint32_t av[kMr] = {};
-  for (int64_t g = 0; g < full; ++g) {
-    for (int r = 0; r < MR; ++r) av[r] = load_u32(a + r * lda + 4 * g);
-    step(block + 64 * g, av);
   }
+};
+
+// The same step, exact only when every A byte is <= 127 (see the file comment).
+struct SevenBitKernel {
+  const __m256i ones = _mm256_set1_epi16(1);
+
+  template <int MR, class ADword>
+  void step(const int8_t* group, ADword a_dword, __m256i (&acc)[kMr][2]) const {
+#pragma GCC unroll 4
+    for (int r = 0; r < MR; ++r) {
+      const __m256i ab = _mm256_set1_epi32(static_cast<int32_t>(a_dword(r)));
+      for (int h = 0; h < 2; ++h) {
+        const __m256i pairs = _mm256_maddubs_epi16(ab, load256(group + 32 * h));
+        acc[r][h] = _mm256_add_epi32(acc[r][h], _mm256_madd_epi16(pairs, ones));
+      }
+    }
+  }
+};
+
+// out[r][0..1] = sum over the first K k of A[r][k] * W[n][k], columns 0..7 / 8..15 of `block`.
+// Shaped for GCC 12's register allocation of the K loop: out of line, with its own accumulators,
+// the partial group first and the accumulators stored one column half after the other. Inlined
+// into the epilogue, with the partial group last, or with out[r][0], out[r][1] stored in turn, it
+// copies or spills accumulators in every step: 10-20% of the 7-bit kernel's speed.
+template <class Kernel, int MR>
+__attribute__((noinline)) void kernel_mxk(int64_t K, const uint8_t* a, int64_t lda,
+                                          const int8_t* block, __m256i (&out)[kMr][2]) {
+  const Kernel kernel;
+  __m256i acc[kMr][2];
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+  const uint8_t* rows[MR];
+  for (int r = 0; r < MR; ++r) rows[r] = a + r * lda;
+  const int64_t full = K / 4;
   if (const int64_t rem = K % 4; rem != 0) {
     // The last group has 1..3 valid k: copy those bytes of A (never read past a row's end) into a
     // zero-padded dword; the packed weight is zero there anyway.
+    uint32_t av[MR];
     for (int r = 0; r < MR; ++r) {
       av[r] = 0;
-      std::memcpy(&av[r], a + r * lda + 4 * full, static_cast<size_t>(rem));
+      std::memcpy(&av[r], rows[r] + 4 * full, static_cast<size_t>(rem));
     }
-    step(block + 64 * full, av);
+    kernel.template step<MR>(
+        block + 64 * full, [&](int r) { return av[r]; }, acc);
   }
+  for (int64_t g = 0; g < full; ++g) {
+    kernel.template step<MR>(
+        block + 64 * g, [&](int r) { return load_u32(rows[r] + 4 * g); }, acc);
+  }
+  for (int r = 0; r < MR; ++r) out[r][0] = acc[r][0];
+  for (int r = 0; r < MR; ++r) out[r][1] = acc[r][1];
+}
+
+// True when no byte of A's M rows of K bytes exceeds 127 (the 7-bit kernel is then exact).
+bool is_7bit(int64_t M, int64_t K, const uint8_t* a, int64_t lda) {
+  for (int64_t m = 0; m < M; ++m) {
+    const uint8_t* row = a + m * lda;
+    __m256i any = _mm256_setzero_si256();
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) any = _mm256_or_si256(any, load256(row + k));
+    unsigned tail = 0;
+    for (; k < K; ++k) tail |= row[k];
+    if (_mm256_movemask_epi8(any) != 0 || (tail & 0x80u) != 0) return false;
+  }
+  return true;
 }
 
 // Column parameters of one 16-column block, as two ymm each (columns 0..7, 8..15).
@@ -140,12 +201,12 @@ inline __m256i requant8(__m256i acc, const RequantCols& p, int h, __m256i lo, __
   return _mm256_add_epi32(x, zp);
 }
 
-template <int MR>
+template <class Kernel, int MR>
 void block_requant(int64_t K, const uint8_t* a, int64_t lda, const int8_t* block,
                    const RequantCols& cols, const RequantEpilogue& ep, int nv, uint8_t* c,
                    int64_t ldc) {
   __m256i acc[kMr][2];
-  kernel_4xk<MR>(K, a, lda, block, acc);
+  kernel_mxk<Kernel, MR>(K, a, lda, block, acc);
   const __m256i lo = _mm256_set1_epi32(ep.out_min - ep.out_zero_point);
   const __m256i hi = _mm256_set1_epi32(ep.out_max - ep.out_zero_point);
   const __m256i zp = _mm256_set1_epi32(ep.out_zero_point);
@@ -175,11 +236,11 @@ void block_requant(int64_t K, const uint8_t* a, int64_t lda, const int8_t* block
   }
 }
 
-template <int MR>
+template <class Kernel, int MR>
 void block_float(int64_t K, const uint8_t* a, int64_t lda, const int8_t* block,
                  const FloatCols& cols, const FloatEpilogue& ep, int nv, float* c, int64_t ldc) {
   __m256i acc[kMr][2];
-  kernel_4xk<MR>(K, a, lda, block, acc);
+  kernel_mxk<Kernel, MR>(K, a, lda, block, acc);
   for (int r = 0; r < MR; ++r) {
     __m256 v[2];
     for (int h = 0; h < 2; ++h) {
@@ -201,33 +262,43 @@ void block_float(int64_t K, const uint8_t* a, int64_t lda, const int8_t* block,
   }
 }
 
-// Column blocks outer (the packed block stays in cache across the rows), 4-row blocks inner.
-template <class Ep, class Out, class MakeCols, class Block>
-void run(int64_t M, int64_t N, int64_t K, const uint8_t* a, int64_t lda, const int8_t* packed_w,
-         const Ep& ep, Out* c, int64_t ldc, MakeCols make_cols, Block block) {
+// f(std::integral_constant<int, rows>) for a run-time rows in [1, R].
+template <int R, class F>
+inline void with_rows(int64_t rows, F f) {
+  if constexpr (R > 0) {
+    if (rows == R) return f(std::integral_constant<int, R>{});
+    with_rows<R - 1>(rows, f);
+  }
+}
+
+// Column blocks outer (the packed block stays in cache across the rows), kMr-row blocks inner.
+// block(kernel, rows, a, packed block, cols, nv, c) runs one micro-kernel and its epilogue.
+template <class Kernel, class Ep, class Out, class MakeCols, class Block>
+void run_with(int64_t M, int64_t N, int64_t K, const uint8_t* a, int64_t lda,
+              const int8_t* packed_w, const Ep& ep, Out* c, int64_t ldc, MakeCols make_cols,
+              Block block) {
   for (int64_t n0 = 0; n0 < N; n0 += kPackN) {
     const int nv = static_cast<int>(std::min<int64_t>(kPackN, N - n0));
     const int8_t* wblock = packed_w + packed_block_offset(n0, K);
     const auto cols = make_cols(ep, n0, nv);
     int64_t m0 = 0;
     for (; m0 + kMr <= M; m0 += kMr) {
-      block(std::integral_constant<int, kMr>{}, a + m0 * lda, wblock, cols, nv, c + m0 * ldc + n0);
+      block(Kernel{}, std::integral_constant<int, kMr>{}, a + m0 * lda, wblock, cols, nv,
+            c + m0 * ldc + n0);
     }
-    const uint8_t* ar = a + m0 * lda;
-    Out* cr = c + m0 * ldc + n0;
-    switch (M - m0) {
-      case 3:
-        block(std::integral_constant<int, 3>{}, ar, wblock, cols, nv, cr);
-        break;
-      case 2:
-        block(std::integral_constant<int, 2>{}, ar, wblock, cols, nv, cr);
-        break;
-      case 1:
-        block(std::integral_constant<int, 1>{}, ar, wblock, cols, nv, cr);
-        break;
-      default:
-        break;
-    }
+    with_rows<kMr - 1>(M - m0, [&](auto mr) {
+      block(Kernel{}, mr, a + m0 * lda, wblock, cols, nv, c + m0 * ldc + n0);
+    });
+  }
+}
+
+template <class Ep, class Out, class MakeCols, class Block>
+void run(int64_t M, int64_t N, int64_t K, const uint8_t* a, int64_t lda, const int8_t* packed_w,
+         const Ep& ep, Out* c, int64_t ldc, MakeCols make_cols, Block block) {
+  if (is_7bit(M, K, a, lda)) {
+    run_with<SevenBitKernel>(M, N, K, a, lda, packed_w, ep, c, ldc, make_cols, block);
+  } else {
+    run_with<WideningKernel>(M, N, K, a, lda, packed_w, ep, c, ldc, make_cols, block);
   }
 }
 
@@ -236,17 +307,18 @@ void run(int64_t M, int64_t N, int64_t K, const uint8_t* a, int64_t lda, const i
 void qgemm_avx2(int64_t M, int64_t N, int64_t K, const uint8_t* a, int64_t lda,
                 const int8_t* packed_w, const RequantEpilogue& ep, uint8_t* c, int64_t ldc) {
   run(M, N, K, a, lda, packed_w, ep, c, ldc, requant_cols,
-      [&](auto mr, const uint8_t* ar, const int8_t* wb, const RequantCols& cols, int nv,
-          uint8_t* cr) {
-        block_requant<decltype(mr)::value>(K, ar, lda, wb, cols, ep, nv, cr, ldc);
+      [&](auto kernel, auto mr, const uint8_t* ar, const int8_t* wb, const RequantCols& cols,
+          int nv, uint8_t* cr) {
+        block_requant<decltype(kernel), decltype(mr)::value>(K, ar, lda, wb, cols, ep, nv, cr, ldc);
       });
 }
 
 void qgemm_avx2(int64_t M, int64_t N, int64_t K, const uint8_t* a, int64_t lda,
                 const int8_t* packed_w, const FloatEpilogue& ep, float* c, int64_t ldc) {
   run(M, N, K, a, lda, packed_w, ep, c, ldc, float_cols,
-      [&](auto mr, const uint8_t* ar, const int8_t* wb, const FloatCols& cols, int nv, float* cr) {
-        block_float<decltype(mr)::value>(K, ar, lda, wb, cols, ep, nv, cr, ldc);
+      [&](auto kernel, auto mr, const uint8_t* ar, const int8_t* wb, const FloatCols& cols, int nv,
+          float* cr) {
+        block_float<decltype(kernel), decltype(mr)::value>(K, ar, lda, wb, cols, ep, nv, cr, ldc);
       });
 }
 
