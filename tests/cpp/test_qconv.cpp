@@ -181,6 +181,20 @@ struct QuantConv {
   }
 };
 
+// The requantization of q's output channels [first, ...) (row_sums: the packed weight's, or
+// nullptr for the depthwise kernel, which does not read them).
+RequantEpilogue conv_epilogue(const QuantConv& q, const int32_t* row_sums, int64_t first) {
+  RequantEpilogue ep{};
+  ep.row_sums = row_sums;
+  ep.a_zero_point = q.x_zero_point + (q.signed_input ? 128 : 0);
+  ep.bias = q.bias.empty() ? nullptr : q.bias.data() + first;
+  ep.multiplier = q.mult.data() + first;
+  ep.out_zero_point = q.out_zero_point;
+  ep.out_min = q.out_min;
+  ep.out_max = q.out_max;
+  return ep;
+}
+
 // sum over in-image taps of (x - zx) * w + bias in int64, requantized; NCHW output.
 std::vector<uint8_t> direct_conv(const QuantConv& q) {
   const Conv2dGeometry& g = q.g;
@@ -232,14 +246,7 @@ std::vector<uint8_t> gemm_conv(const QuantConv& q, Isa isa) {
     std::vector<int8_t> packed(packed_weight_bytes(og, k));
     std::vector<int32_t> row_sums(static_cast<size_t>(og));
     pack_weight(wg.data(), og, k, k, packed.data(), row_sums.data());
-    RequantEpilogue ep{};
-    ep.row_sums = row_sums.data();
-    ep.a_zero_point = q.x_zero_point + (q.signed_input ? 128 : 0);
-    ep.bias = q.bias.empty() ? nullptr : q.bias.data() + group * og;
-    ep.multiplier = q.mult.data() + group * og;
-    ep.out_zero_point = q.out_zero_point;
-    ep.out_min = q.out_min;
-    ep.out_max = q.out_max;
+    const RequantEpilogue ep = conv_epilogue(q, row_sums.data(), group * og);
     qgemm_u8s8(isa, rows, og, k, a.data(), lda, packed.data(), ep, c.data() + group * og,
                g.out_channels);
   }
@@ -336,14 +343,7 @@ std::vector<uint8_t> implicit_conv(const QuantConv& q, int64_t chunk) {
   pack_weight(wg.data(), g.out_channels, k, k, packed.data(), row_sums.data());
   std::vector<int8_t> weight(packed_weight_bytes(g.out_channels, implicit_k), 0x55);
   pack_conv_weight_implicit(packed.data(), g, weight.data());
-  RequantEpilogue ep{};
-  ep.row_sums = row_sums.data();
-  ep.a_zero_point = q.x_zero_point + (q.signed_input ? 128 : 0);
-  ep.bias = q.bias.empty() ? nullptr : q.bias.data();
-  ep.multiplier = q.mult.data();
-  ep.out_zero_point = q.out_zero_point;
-  ep.out_min = q.out_min;
-  ep.out_max = q.out_max;
+  const RequantEpilogue ep = conv_epilogue(q, row_sums.data(), 0);
   std::vector<uint8_t> nhwc(static_cast<size_t>(g.batch * g.out_h * g.out_w * g.out_channels),
                             0xEE);
   for (int64_t n = 0; n < g.batch; ++n) {
@@ -500,14 +500,7 @@ std::vector<uint8_t> run_depthwise(Isa isa, const QuantConv& q) {
   }
   std::vector<int8_t> w_hwc(q.w.size());
   depthwise_weight_to_hwc(q.w.data(), g, w_hwc.data());
-  RequantEpilogue ep{};
-  ep.row_sums = nullptr;  // not used by the depthwise kernel
-  ep.a_zero_point = q.x_zero_point + (q.signed_input ? 128 : 0);
-  ep.bias = q.bias.empty() ? nullptr : q.bias.data();
-  ep.multiplier = q.mult.data();
-  ep.out_zero_point = q.out_zero_point;
-  ep.out_min = q.out_min;
-  ep.out_max = q.out_max;
+  const RequantEpilogue ep = conv_epilogue(q, nullptr, 0);
   std::vector<uint8_t> y(static_cast<size_t>(g.batch * g.out_h * g.out_w * channels), 0xEE);
   const int64_t split = g.out_h / 2;
   for (int64_t n = 0; n < g.batch; ++n) {

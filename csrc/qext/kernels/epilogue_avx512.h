@@ -16,7 +16,7 @@
 #include <cstdint>
 #include <limits>
 
-#include "qext/kernels/qgemm.h"
+#include "qext/kernels/qgemm_isa.h"
 
 namespace qext::kernels::detail::avx512 {
 
@@ -44,18 +44,11 @@ struct RequantConsts {
   __m512i lo, hi, zp;
 };
 
-// corr[n] = bias[n] - a_zero_point * row_sums[n] modulo 2^32; columns past nv get harmless values.
+// corr[n] = bias[n] - a_zero_point * row_sums[n] modulo 2^32 (correction_block).
 inline __m512i correction(const int32_t* row_sums, int32_t a_zero_point, const int32_t* bias,
                           int64_t n0, int nv) {
   alignas(64) int32_t out[16];
-  for (int i = 0; i < 16; ++i) {
-    uint32_t v = 0;
-    if (i < nv) {
-      v = 0u - static_cast<uint32_t>(a_zero_point) * static_cast<uint32_t>(row_sums[n0 + i]);
-      if (bias != nullptr) v += static_cast<uint32_t>(bias[n0 + i]);
-    }
-    out[i] = static_cast<int32_t>(v);
-  }
+  correction_block(row_sums, a_zero_point, bias, n0, nv, out);
   return _mm512_load_si512(out);
 }
 

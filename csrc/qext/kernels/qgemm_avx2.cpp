@@ -151,26 +151,13 @@ struct FloatCols {
   __m256 scale[2];
 };
 
-// corr[n] = bias[n] - a_zero_point * row_sums[n] modulo 2^32; columns past nv get harmless values.
-inline void correction(const int32_t* row_sums, int32_t a_zero_point, const int32_t* bias,
-                       int64_t n0, int nv, int32_t* out) {
-  for (int i = 0; i < 16; ++i) {
-    uint32_t v = 0;
-    if (i < nv) {
-      v = 0u - static_cast<uint32_t>(a_zero_point) * static_cast<uint32_t>(row_sums[n0 + i]);
-      if (bias != nullptr) v += static_cast<uint32_t>(bias[n0 + i]);
-    }
-    out[i] = static_cast<int32_t>(v);
-  }
-}
-
 inline __m256i load8(const int32_t* p) {
   return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
 }
 
 RequantCols requant_cols(const RequantEpilogue& ep, int64_t n0, int nv) {
   alignas(32) int32_t corr[16];
-  correction(ep.row_sums, ep.a_zero_point, ep.bias, n0, nv, corr);
+  correction_block(ep.row_sums, ep.a_zero_point, ep.bias, n0, nv, corr);
   RequantCols c;
   for (int h = 0; h < 2; ++h) {
     c.corr[h] = load8(corr + 8 * h);
@@ -182,7 +169,7 @@ RequantCols requant_cols(const RequantEpilogue& ep, int64_t n0, int nv) {
 FloatCols float_cols(const FloatEpilogue& ep, int64_t n0, int nv) {
   alignas(32) int32_t corr[16];
   alignas(32) float scale[16];
-  correction(ep.row_sums, ep.a_zero_point, ep.bias, n0, nv, corr);
+  correction_block(ep.row_sums, ep.a_zero_point, ep.bias, n0, nv, corr);
   for (int i = 0; i < 16; ++i) scale[i] = i < nv ? ep.scale[n0 + i] : 0.0f;
   FloatCols c;
   for (int h = 0; h < 2; ++h) {

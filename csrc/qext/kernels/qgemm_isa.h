@@ -11,6 +11,20 @@ namespace qext::kernels::detail {
 void check_epilogue(const RequantEpilogue& ep, int64_t N, const char* caller);
 void check_epilogue(const FloatEpilogue& ep, int64_t N, const char* caller);
 
+// out[i] = bias[n0 + i] - a_zero_point * row_sums[n0 + i] modulo 2^32 for i < nv, 0 for the
+// columns past nv (up to 16): the epilogue's per-column correction, for the vector epilogues.
+inline void correction_block(const int32_t* row_sums, int32_t a_zero_point, const int32_t* bias,
+                             int64_t n0, int nv, int32_t* out) {
+  for (int i = 0; i < 16; ++i) {
+    uint32_t v = 0;
+    if (i < nv) {
+      v = 0u - static_cast<uint32_t>(a_zero_point) * static_cast<uint32_t>(row_sums[n0 + i]);
+      if (bias != nullptr) v += static_cast<uint32_t>(bias[n0 + i]);
+    }
+    out[i] = static_cast<int32_t>(v);
+  }
+}
+
 // The scalar reference (qgemm_ref.cpp).
 void qgemm_scalar(int64_t M, int64_t N, int64_t K, const uint8_t* a, int64_t lda,
                   const int8_t* packed_w, const RequantEpilogue& ep, uint8_t* c, int64_t ldc);
