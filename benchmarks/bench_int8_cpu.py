@@ -182,6 +182,14 @@ def model_variants(batch: int, calib: torch.Tensor) -> dict:
     }
 
 
+def write_json(path: str, result: dict) -> None:
+    """Writes a benchmark's results (creating the folder) and says where."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"\nwrote {path}")
+
+
 def table(title: str, rows: list, columns: list) -> str:
     out = [f"\n### {title}\n", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     out += ["| " + " | ".join(str(r.get(c, "")) for c in columns) + " |" for r in rows]
@@ -239,10 +247,7 @@ def main() -> None:
             result["model"] = rows
             report.append(table("Fashion-MNIST CNN end to end", rows, ["batch", "variant", "ms", "speed-up vs fp32", "vs torch.ao"]))
     print("\n".join(report))
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"\nwrote {args.json}")
+    write_json(args.json, result)
 
 
 if __name__ == "__main__":

@@ -28,8 +28,6 @@ Prints a Markdown table and writes JSON (default results/bench_kmeans.json). A p
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import statistics
 import sys
@@ -40,7 +38,7 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-from bench_int8_cpu import table  # noqa: E402  (one Markdown table for the CPU benchmarks)
+from bench_int8_cpu import table, write_json  # noqa: E402  (shared by the CPU benchmarks)
 
 try:
     import qext  # noqa: F401  (registers torch.ops.qext)
@@ -143,10 +141,7 @@ def main() -> None:
         print(table(f"k = {row['k']}", [row], list(row)), flush=True)
     print(f"\nthreads={args.threads}, torch {torch.__version__}, {w.numel()} float32 values, {args.iters} iterations\n")
     print(table("qext.kmeans vs a plain Lloyd loop", result["rows"], list(result["rows"][0])))
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"\nwrote {args.json}")
+    write_json(args.json, result)
 
 
 if __name__ == "__main__":
