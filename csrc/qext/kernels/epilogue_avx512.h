@@ -114,9 +114,11 @@ inline __m512i requant16(__m512i acc, const RequantCols& p, const RequantConsts&
   __m512i odd = _mm512_mul_epi32(x_odd, p.mult_odd);
   even = _mm512_srav_epi64(_mm512_add_epi64(even, p.round_even), p.shift_even);
   odd = _mm512_srav_epi64(_mm512_add_epi64(odd, p.round_odd), p.shift_odd);
-  // The results are the low dwords; move the odd ones up and interleave.
-  odd = _mm512_shuffle_epi32(odd, static_cast<_MM_PERM_ENUM>(_MM_SHUFFLE(2, 2, 0, 0)));
-  x = _mm512_mask_blend_epi32(static_cast<__mmask16>(0xAAAA), even, odd);
+  // The results are the low dwords of each 64-bit lane: interleave them in one permute (dword i of
+  // x is dword i of even for even i, dword i - 1 of odd for odd i).
+  const __m512i interleave =
+      _mm512_set_epi32(30, 14, 28, 12, 26, 10, 24, 8, 22, 6, 20, 4, 18, 2, 16, 0);
+  x = _mm512_permutex2var_epi32(even, interleave, odd);
   // clamp(x + zp, out_min, out_max) = clamp(x, out_min - zp, out_max - zp) + zp (no overflow).
   x = _mm512_min_epi32(_mm512_max_epi32(x, k.lo), k.hi);
   return _mm512_add_epi32(x, k.zp);

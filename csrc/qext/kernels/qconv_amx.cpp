@@ -84,20 +84,44 @@ void conv2d_implicit_impl(const uint8_t* x, const Conv2dGeometry& g, const int8_
     std::memset(dst + side + row_bytes, pad, static_cast<size_t>(side));
   }
   std::memset(xp + data_bytes, 0, static_cast<size_t>(padded_bytes - data_bytes));
-  // Copies the span of the pixel at src (whole 64-byte pieces: the bytes past row_taps meet zero
-  // weights, or are overwritten by the next kernel row of a patch) to dst.
-  auto copy_span = [span](uint8_t* dst, const uint8_t* src) {
-    for (int64_t b = 0; b < span; b += kTileRowBytes) {
+  // Copies the kernel row of the pixel at src to dst: its row_taps bytes rounded up to 16 (at most
+  // span; the bytes past row_taps meet zero weights or are overwritten by the next kernel row of a
+  // patch). Not the whole span: a first layer's 3-byte rows would cost a 64-byte copy each.
+  const int64_t copy_bytes = (row_taps + 15) / 16 * 16;
+  auto copy_span = [copy_bytes](uint8_t* dst, const uint8_t* src) {
+    int64_t b = 0;
+    for (; b + 64 <= copy_bytes; b += 64) {
       _mm512_storeu_si512(dst + b, _mm512_loadu_si512(src + b));
+    }
+    if (b + 32 <= copy_bytes) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + b),
+                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + b)));
+      b += 32;
+    }
+    if (b < copy_bytes) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + b),
+                       _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + b)));
     }
   };
   if (mode == Rows::kSpans) {
     for (int64_t p = 0; p < pixels; ++p) copy_span(gathered + p * span, xp + p * C);
   } else if (mode == Rows::kPatches) {
-    for (int64_t v = 0; v < blocks * kBlockM; ++v) {
-      for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
-        copy_span(gathered + v * K + kh * row_taps, xp + (v + kh * g.dilation_h * Wp) * C);
+    // Locals: the byte stores could alias g, which would reload it in the loop.
+    const int64_t kernel_h = g.kernel_h, row_step = g.dilation_h * Wp * C;
+    auto gather = [&](auto copy) {
+      for (int64_t v = 0; v < blocks * kBlockM; ++v) {
+        const uint8_t* src = xp + v * C;
+        uint8_t* dst = gathered + v * K;
+        for (int64_t kh = 0; kh < kernel_h; ++kh) copy(dst + kh * row_taps, src + kh * row_step);
       }
+    };
+    if (copy_bytes == 16) {  // first layers (C <= 5 for 3x3): one branch-free copy per kernel row
+      gather([](uint8_t* dst, const uint8_t* src) {
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst),
+                         _mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+      });
+    } else {
+      gather(copy_span);
     }
   }
   const uint8_t* const a = mode == Rows::kPadded ? xp : gathered;

@@ -226,6 +226,9 @@ void implicit_conv_cpu(const at::Tensor& input, const k::Conv2dGeometry& g, cons
   while (rows_per_task > 1 && g.batch * tasks_per_image() < threads) {
     rows_per_task = (rows_per_task + 1) / 2;
   }
+  // Even tasks: a short last one would still fill whole 32-pixel blocks (24 rows as 20 + 4 run 21
+  // blocks on 26-wide rows, as 12 + 12 run 20). Never more tasks than before, none empty.
+  rows_per_task = (g.out_h + tasks_per_image() - 1) / tasks_per_image();
   const int64_t per_image = tasks_per_image();
   const auto pad_value = static_cast<uint8_t>(p.input.zero_point ^ p.input.flip);
   at::parallel_for(0, g.batch * per_image, 1, [&](int64_t b, int64_t e) {
