@@ -12,6 +12,9 @@ alike):
            (32 MAC / cycle / core at ``--ghz``). The input has levels 0..255; "qext[avx2] 7-bit" feeds the
            same x as 7-bit levels 0..127 (the int8_avx2 preset), which the AVX2 path runs with vpmaddubsw.
   conv     3x3 convolution 8x64x56x56 -> 64 (padding 1), channels-last and NCHW inputs, the same engines.
+  pool     MaxPool2d(2) on a quint8 64x64x24x24 input (the CNN's first pool at batch 64), channels-last (what
+           converted convolutions write) and NCHW: qext.nn.quantized.MaxPool2d (``quantized_max_pool2d``) vs
+           torch.nn.MaxPool2d (torch's quantized max_pool2d). GB/s: input bytes read per second.
   model    the Fashion-MNIST CNN of examples/fashion_mnist_workflow.py (32-64-64 conv-BN-ReLU, two
            max-pools, 128-unit hidden layer) at batch 1 and 64: fp32 eval model, qext.convert of its
            calibrated qext.prepare model, torch.ao's converted model (x86 engine) of the same net.
@@ -150,6 +153,16 @@ def conv_variants(channels_last: bool) -> dict:
     return fns
 
 
+# --------------------------------------------------------------------------------------------- pool
+def pool_variants(channels_last: bool) -> dict:
+    g = torch.Generator().manual_seed(11)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    qx = torch.quantize_per_tensor(torch.randn(64, 64, 24, 24, generator=g), 0.05, 128, torch.quint8)
+    qx = qx.contiguous(memory_format=fmt)
+    ours, theirs = qext.nn.quantized.MaxPool2d(2), torch.nn.MaxPool2d(2)
+    return {"qext": lambda: ours(qx), "torch": lambda: theirs(qx)}
+
+
 # -------------------------------------------------------------------------------------------- model
 def model_variants(batch: int, calib: torch.Tensor) -> dict:
     import torch.ao.quantization as tq
@@ -201,7 +214,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--ghz", type=float, default=3.0, help="clock for the AVX2 peak (32 MAC/cycle/core)")
-    ap.add_argument("--sections", default="linear,conv,model")
+    ap.add_argument("--sections", default="linear,conv,pool,model")
     ap.add_argument("--json", default=str(REPO_ROOT / "results" / "bench_int8_cpu.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -235,6 +248,15 @@ def main() -> None:
                                  "GMAC/s": f"{macs / v / 1e9:.1f}", "vs fastest torch int8": f"{best_torch / v:.2f}x"})
             result["conv"] = rows
             report.append(table("3x3 conv 8x64x56x56 -> 64", rows, ["input", "variant", "ms", "GMAC/s", "vs fastest torch int8"]))
+        if "pool" in sections:
+            rows = []
+            for cl in (True, False):
+                t = time_round_robin(pool_variants(cl), args.reps)
+                for k, v in t.items():
+                    rows.append({"input": "channels_last" if cl else "NCHW", "variant": k, "us": f"{v * 1e6:.1f}",
+                                 "GB/s": f"{64 * 64 * 24 * 24 / v / 1e9:.1f}", "vs torch": f"{t['torch'] / v:.2f}x"})
+            result["pool"] = rows
+            report.append(table("MaxPool2d(2), quint8 64x64x24x24", rows, ["input", "variant", "us", "GB/s", "vs torch"]))
         if "model" in sections:
             rows = []
             calib = torch.randn(64, 1, 28, 28)

@@ -553,9 +553,9 @@ def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
     (per-channel int8 for the ``"int8"`` presets; the BN-folded weights of ``ConvBn2d``), float32 scales,
     int32 zero points, the output scale / zero point of every quantized output; ``QuantStub`` ->
     ``Quantize``, ``DeQuantStub`` -> ``DeQuantize``, ``QAdd`` -> quantized add, QAT average pools -> integer
-    average pools. Modules left in float stay
-    float. The result is in eval mode and agrees with the QAT model in eval mode (fake quant, observers as
-    they are) to within one output step per element.
+    average pools, ``nn.MaxPool2d`` (without ``return_indices``) -> the integer max pool (torch's on float
+    inputs). Modules left in float stay float. The result is in eval mode and agrees with the QAT model in
+    eval mode (fake quant, observers as they are) to within one output step per element.
 
     Raises ValueError naming the module when an observer saw no data (no calibration)."""
     if not inplace:
@@ -576,6 +576,10 @@ def _convert_children(mod: nn.Module, prefix: str) -> None:
         full = prefix + name
         if isinstance(child, _QAT_TYPES):
             setattr(mod, name, _convert_module(child, full))
+        elif type(child) is nn.MaxPool2d and not child.return_indices:
+            # No state and no quantizer: the integer pool runs on quantized inputs, torch's on float ones,
+            # so it is swapped inside and outside the quantized parts alike.
+            setattr(mod, name, nnq.MaxPool2d.from_float(child))
         elif not isinstance(child, nnq.QUANTIZED_MODULES):
             _convert_children(child, full + ".")
 

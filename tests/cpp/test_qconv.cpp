@@ -1,7 +1,8 @@
-// Converted-convolution, residual-add and average-pooling kernels (qconv.h, qelementwise.h):
+// Converted-convolution, residual-add, average- and max-pooling kernels (qconv.h, qelementwise.h):
 // im2col against a naive gather, im2col + GEMM and the depthwise kernel against a direct int64
 // convolution, the AVX2 paths bit for bit against the scalar references, the add against int64 and
-// double references, average pooling against an independent double-precision reference, and
+// double references, average pooling against an independent double-precision reference, the max
+// pooling kernels (NCHW and channels-last) bit for bit against their scalar reference, and
 // hand-computed cases (ties round half up).
 #include <gtest/gtest.h>
 
@@ -11,6 +12,7 @@
 #include <limits>
 #include <random>
 #include <set>
+#include <string>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -978,6 +980,195 @@ TEST(AvgPool, RejectsBadScalesAndGeometry) {
   EXPECT_EQ(requantize_wide(-3, m, 0, -100, 100), -1);
   EXPECT_EQ(requantize_wide(-2, m, 0, -100, 100), -1);  // -0.667
   EXPECT_EQ(requantize_wide(-1, m, 0, -100, 100), 0);   // -0.333
+}
+
+// ---------------------------------------------------------------------------------------------
+// Max pooling
+// ---------------------------------------------------------------------------------------------
+
+MaxPool2dOptions max_options(int64_t k, int64_t s, int64_t p, int64_t d, bool ceil_mode) {
+  return {k, k, s, s, p, p, d, d, ceil_mode};
+}
+
+TEST(MaxPool, OutputSizeLikeTorch) {
+  // {in, kernel, stride, padding, dilation, ceil_mode, out}: out from
+  // torch.nn.functional.max_pool2d output shapes.
+  const std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, bool, int64_t> cases[] = {
+      {7, 3, 2, 1, 2, true, 3},  {7, 3, 2, 1, 2, false, 3},   {8, 2, 3, 1, 1, true, 3},
+      {8, 2, 3, 1, 1, false, 3}, {5, 3, 1, 0, 2, false, 1},   {3, 2, 2, 1, 5, true, 1},
+      {6, 3, 2, 1, 1, true, 4},  {24, 2, 2, 0, 1, false, 12}, {10, 3, 3, 1, 3, true, 3},
+      {4, 1, 3, 0, 1, true, 2}};
+  for (const auto& [in, k, s, p, d, ceil_mode, out] : cases) {
+    MaxPool2dPlan plan;
+    ASSERT_TRUE(make_max_pool2d_plan(in, 1, {k, 1, s, 1, p, 0, d, 1, ceil_mode}, &plan));
+    EXPECT_EQ(plan.out_h, out) << in << " " << k << " " << s << " " << p << " " << d;
+  }
+}
+
+// Runs both kernels on one input given in NCHW order: the NCHW kernel as it is, the NHWC kernel on
+// the transposed input (its output rows in two calls), and checks that both give the same result.
+std::vector<uint8_t> max_pool_both(const MaxPool2dPlan& plan, const std::vector<uint8_t>& x,
+                                   int64_t batch, int64_t channels, uint8_t flip) {
+  const int64_t in_plane = plan.in_h * plan.in_w, out_plane = plan.out_h * plan.out_w;
+  std::vector<uint8_t> y(static_cast<size_t>(batch * channels * out_plane));
+  max_pool2d_u8(plan, x.data(), batch * channels, flip, y.data());
+  std::vector<uint8_t> x_nhwc(x.size()), y_nhwc(y.size());
+  for (int64_t n = 0; n < batch; ++n) {
+    for (int64_t c = 0; c < channels; ++c) {
+      for (int64_t i = 0; i < in_plane; ++i) {
+        x_nhwc[(n * in_plane + i) * channels + c] = x[(n * channels + c) * in_plane + i];
+      }
+    }
+  }
+  const int64_t rows = batch * plan.out_h, split = rows / 2;
+  max_pool2d_nhwc_u8(plan, x_nhwc.data(), channels, 0, split, flip, y_nhwc.data());
+  max_pool2d_nhwc_u8(plan, x_nhwc.data(), channels, split, rows, flip, y_nhwc.data());
+  for (int64_t n = 0; n < batch; ++n) {
+    for (int64_t c = 0; c < channels; ++c) {
+      for (int64_t i = 0; i < out_plane; ++i) {
+        EXPECT_EQ(y_nhwc[(n * out_plane + i) * channels + c], y[(n * channels + c) * out_plane + i])
+            << "image " << n << " channel " << c << " output " << i;
+      }
+    }
+  }
+  return y;
+}
+
+TEST(MaxPool, HandComputed) {
+  // x = 0..8 on a 3x3 plane, kernel 2, stride 2, padding 1: windows {0}, {1, 2}; {3, 6},
+  // {4, 5, 7, 8}. The padding never wins, also against level 0.
+  const std::vector<uint8_t> x = {0, 1, 2, 3, 4, 5, 6, 7, 8};
+  MaxPool2dPlan plan;
+  ASSERT_TRUE(make_max_pool2d_plan(3, 3, max_options(2, 2, 1, 1, false), &plan));
+  EXPECT_EQ(max_pool_both(plan, x, 1, 1, 0), (std::vector<uint8_t>{0, 2, 6, 8}));
+  // Dilation 2: a 2x2 kernel on the corners of the 3x3 plane skips the center (9).
+  ASSERT_TRUE(make_max_pool2d_plan(3, 3, max_options(2, 1, 0, 2, false), &plan));
+  EXPECT_EQ(max_pool_both(plan, {1, 0, 3, 0, 9, 0, 2, 0, 0}, 1, 1, 0), (std::vector<uint8_t>{3}));
+  // Rectangular kernel 1x3, stride (1, 2), ceil_mode on 6 columns: the last window starts at
+  // column 4 and holds columns 4 and 5 only.
+  ASSERT_TRUE(make_max_pool2d_plan(1, 6, {1, 3, 1, 2, 0, 0, 1, 1, true}, &plan));
+  EXPECT_EQ(max_pool_both(plan, {7, 255, 0, 3, 5, 1}, 1, 1, 0), (std::vector<uint8_t>{255, 5, 5}));
+  // int8 levels through the flip, two channels: {-128, 127} -> 127 (the byte 0x7f), {-1, -2} -> -1.
+  ASSERT_TRUE(make_max_pool2d_plan(1, 2, {1, 2, 1, 2, 0, 0, 1, 1, false}, &plan));
+  const auto s8 = [](int v) { return static_cast<uint8_t>(static_cast<int8_t>(v)); };
+  EXPECT_EQ(max_pool_both(plan, {s8(-128), s8(127), s8(-1), s8(-2)}, 1, 2, 0x80),
+            (std::vector<uint8_t>{s8(127), s8(-1)}));
+  // Unsigned, the same bytes: 0x80 and 0xff win.
+  EXPECT_EQ(max_pool_both(plan, {s8(-128), s8(127), s8(-1), s8(-2)}, 1, 2, 0),
+            (std::vector<uint8_t>{s8(-128), s8(-1)}));
+  // A window with no tap in the image (dilation 5 from the padding, ceil_mode): the lowest level,
+  // as torch's quantized max_pool2d gives.
+  ASSERT_TRUE(make_max_pool2d_plan(3, 3, max_options(2, 2, 1, 5, true), &plan));
+  ASSERT_EQ(plan.out_h * plan.out_w, 1);
+  EXPECT_EQ(max_pool_both(plan, x, 1, 1, 0), (std::vector<uint8_t>{0}));
+  EXPECT_EQ(max_pool_both(plan, x, 1, 1, 0x80), (std::vector<uint8_t>{0x80}));
+}
+
+TEST(MaxPool, KernelsMatchReference) {
+  std::mt19937 rng(11);
+  std::uniform_int_distribution<int> pick_k(1, 3), pick_s(1, 3), pick_d(1, 2), pick_hw(1, 13);
+  // Levels with the extremes (0, 255 and the int8 ones, 0x80 and 0x7f) frequent.
+  const uint8_t extremes[] = {0, 255, 0x80, 0x7f};
+  std::uniform_int_distribution<int> level(0, 255), pick_extreme(0, 7), pick_c(0, 5);
+  const int64_t channel_counts[] = {1, 3, 16, 17, 64, 100};
+  int64_t run = 0, outputs = 0;
+  for (int iter = 0; iter < 600; ++iter) {
+    // Every tenth case has only full 2x2 windows (2x2 kernel, no padding, floor mode): the
+    // channels-last kernel's one-pass path.
+    const bool full_2x2 = iter % 10 == 0;
+    MaxPool2dOptions o{};
+    o.kernel_h = full_2x2 ? 2 : pick_k(rng);
+    o.kernel_w = full_2x2 ? 2 : pick_k(rng);
+    o.stride_h = pick_s(rng);
+    o.stride_w = pick_s(rng);
+    o.pad_h = full_2x2 ? 0 : std::uniform_int_distribution<int64_t>(0, o.kernel_h / 2)(rng);
+    o.pad_w = full_2x2 ? 0 : std::uniform_int_distribution<int64_t>(0, o.kernel_w / 2)(rng);
+    o.dilation_h = pick_d(rng);
+    o.dilation_w = pick_d(rng);
+    o.ceil_mode = iter % 2 == 1;
+    const int64_t in_h = pick_hw(rng), in_w = pick_hw(rng), batch = 1 + iter % 3;
+    const int64_t channels = channel_counts[pick_c(rng)];
+    const bool is_signed = iter % 4 >= 2;
+    SCOPED_TRACE(::testing::Message()
+                 << "iter " << iter << " in " << in_h << "x" << in_w << " C " << channels << " k "
+                 << o.kernel_h << "x" << o.kernel_w << " s " << o.stride_h << "," << o.stride_w
+                 << " p " << o.pad_h << "," << o.pad_w << " d " << o.dilation_h << ","
+                 << o.dilation_w << " ceil " << o.ceil_mode << " signed " << is_signed);
+    MaxPool2dPlan plan;
+    if (!make_max_pool2d_plan(in_h, in_w, o, &plan)) {
+      // Only inputs smaller than the dilated kernel are refused.
+      EXPECT_TRUE(pool_output_size(in_h, o.dilation_h * (o.kernel_h - 1) + 1, o.stride_h, o.pad_h,
+                                   o.ceil_mode) < 1 ||
+                  pool_output_size(in_w, o.dilation_w * (o.kernel_w - 1) + 1, o.stride_w, o.pad_w,
+                                   o.ceil_mode) < 1);
+      continue;
+    }
+    std::vector<uint8_t> x(static_cast<size_t>(batch * channels * in_h * in_w));
+    for (auto& v : x) {
+      const int e = pick_extreme(rng);
+      v = e < 4 ? extremes[e] : static_cast<uint8_t>(level(rng));
+    }
+    const std::vector<uint8_t> y = max_pool_both(plan, x, batch, channels, is_signed ? 0x80 : 0);
+    std::vector<uint8_t> want(y.size());
+    max_pool2d_reference(o, batch, channels, in_h, in_w, plan.out_h, plan.out_w,
+                         /*channels_last=*/false, is_signed, x.data(), want.data());
+    ASSERT_EQ(y, want);
+    ++run;
+    outputs += static_cast<int64_t>(y.size());
+  }
+  EXPECT_GT(run, 450);
+  EXPECT_GT(outputs, 100000);
+}
+
+TEST(MaxPool, ReferenceReadsChannelsLast) {
+  // The reference's channels-last indexing against its NCHW one on transposed data.
+  std::mt19937 rng(3);
+  const int64_t batch = 2, channels = 5, in_h = 6, in_w = 7;
+  const MaxPool2dOptions o{3, 2, 2, 1, 1, 1, 1, 2, true};
+  MaxPool2dPlan plan;
+  ASSERT_TRUE(make_max_pool2d_plan(in_h, in_w, o, &plan));
+  const std::vector<uint8_t> x = random_bytes<uint8_t>(batch * channels * in_h * in_w, rng, 0, 255);
+  std::vector<uint8_t> x_nhwc(x.size());
+  const int64_t in_plane = in_h * in_w, out_plane = plan.out_h * plan.out_w;
+  for (int64_t n = 0; n < batch; ++n)
+    for (int64_t c = 0; c < channels; ++c)
+      for (int64_t i = 0; i < in_plane; ++i)
+        x_nhwc[(n * in_plane + i) * channels + c] = x[(n * channels + c) * in_plane + i];
+  std::vector<uint8_t> y(static_cast<size_t>(batch * channels * out_plane)), y_nhwc(y.size());
+  max_pool2d_reference(o, batch, channels, in_h, in_w, plan.out_h, plan.out_w, false, true,
+                       x.data(), y.data());
+  max_pool2d_reference(o, batch, channels, in_h, in_w, plan.out_h, plan.out_w, true, true,
+                       x_nhwc.data(), y_nhwc.data());
+  for (int64_t n = 0; n < batch; ++n)
+    for (int64_t c = 0; c < channels; ++c)
+      for (int64_t i = 0; i < out_plane; ++i)
+        ASSERT_EQ(y_nhwc[(n * out_plane + i) * channels + c],
+                  y[(n * channels + c) * out_plane + i]);
+}
+
+TEST(MaxPool, RejectsBadGeometry) {
+  MaxPool2dPlan plan;
+  const char* why = nullptr;
+  const auto rejected = [&](int64_t in_h, int64_t in_w, const MaxPool2dOptions& o,
+                            const char* word) {
+    why = nullptr;
+    EXPECT_FALSE(make_max_pool2d_plan(in_h, in_w, o, &plan, &why));
+    ASSERT_NE(why, nullptr);
+    EXPECT_NE(std::string(why).find(word), std::string::npos) << why;
+  };
+  rejected(0, 4, max_options(2, 2, 0, 1, false), "empty");
+  rejected(4, 4, {0, 2, 1, 1, 0, 0, 1, 1, false}, "kernel_size");
+  rejected(4, 4, {2, 2, 1, 0, 0, 0, 1, 1, false}, "stride");
+  rejected(4, 4, {2, 2, 1, 1, 0, 0, 0, 1, false}, "dilation");
+  rejected(4, 4, {2, 2, 1, 1, 0, 0, 1, -1, false}, "dilation");
+  rejected(4, 4, max_options(3, 1, 2, 1, false), "padding");  // above half the kernel
+  rejected(4, 4, {2, 2, 1, 1, 0, -1, 1, 1, false}, "padding");
+  rejected(4, 4, max_options(int64_t{1} << 31, 1, 0, 1, false), "kernel_size");
+  rejected(2, 2, max_options(3, 1, 0, 1, false), "output");  // input smaller than the kernel
+  rejected(4, 4, max_options(3, 1, 0, 2, false), "output");  // ... than the dilated kernel
+  // The failed calls left the plan empty.
+  EXPECT_EQ(plan.out_h, 0);
+  EXPECT_TRUE(plan.h_first.empty());
 }
 
 }  // namespace

@@ -318,6 +318,77 @@ def test_dequantize_bad_input(device):
 
 
 # --------------------------------------------------------------------------------------------------
+# quantized_max_pool2d
+# --------------------------------------------------------------------------------------------------
+
+
+def _qx(shape=(1, 2, 4, 4), dtype=torch.quint8):
+    return torch.quantize_per_tensor(torch.rand(shape), 0.1, 0, dtype)
+
+
+def _per_channel():
+    return torch.quantize_per_channel(torch.rand(1, 2, 4, 4), torch.tensor([0.1, 0.2], dtype=torch.double),
+                                      torch.tensor([0, 0]), 1, torch.quint8)
+
+
+MAX_POOL_BAD = {
+    "float input": ((torch.rand(1, 2, 4, 4), [2, 2], [], [0, 0], [1, 1]),
+                    r"input must be a per-tensor quantized tensor .*got a Float tensor"),
+    "per-channel input": ((_per_channel(), [2, 2], [], [0, 0], [1, 1]),
+                          r"input must be quantized per tensor \(affine\), got qscheme per_channel_affine"),
+    "qint32 input": ((_qx(dtype=torch.qint32), [2, 2], [], [0, 0], [1, 1]),
+                     r"input must be torch.quint8 or torch.qint8, got QInt32"),
+    "2-D input": ((_qx((4, 4)), [2, 2], [], [0, 0], [1, 1]),
+                  r"input must be 3-D \[C, H, W\] or 4-D \[N, C, H, W\], got shape \[4, 4\]"),
+    "5-D input": ((_qx((1, 1, 2, 4, 4)), [2, 2], [], [0, 0], [1, 1]),
+                  r"input must be 3-D .* got shape \[1, 1, 2, 4, 4\]"),
+    "kernel_size length": ((_qx(), [2, 2, 2], [], [0, 0], [1, 1]),
+                           r"kernel_size must have two values, got \[2, 2, 2\]"),
+    "stride length": ((_qx(), [2, 2], [1], [0, 0], [1, 1]),
+                      r"stride must have two values \(or none: the kernel_size\), got \[1\]"),
+    "padding length": ((_qx(), [2, 2], [], [0, 0, 0], [1, 1]),
+                       r"padding must have two values, got \[0, 0, 0\]"),
+    "dilation length": ((_qx(), [2, 2], [], [0, 0], [1]),
+                        r"dilation must have two values, got \[1\]"),
+    "kernel_size 0": ((_qx(), [0, 2], [1, 1], [0, 0], [1, 1]),
+                      r"kernel_size must be in \[1, 2\^31\); got kernel_size \[0, 2\]"),
+    "stride 0": ((_qx(), [2, 2], [2, 0], [0, 0], [1, 1]),
+                 r"stride must be in \[1, 2\^31\); got kernel_size \[2, 2\], stride \[2, 0\]"),
+    "negative stride": ((_qx(), [2, 2], [-1, 1], [0, 0], [1, 1]),
+                        r"stride must be in .*stride \[-1, 1\]"),
+    "dilation 0": ((_qx(), [2, 2], [], [0, 0], [0, 1]),
+                   r"dilation must be in \[1, 2\^31\);.* dilation \[0, 1\]"),
+    "padding above half the kernel": ((_qx(), [3, 3], [], [2, 1], [1, 1]),
+                                      r"padding must be >= 0 and at most half the kernel_size;.* padding \[2, 1\]"),
+    "negative padding": ((_qx(), [3, 3], [], [0, -1], [1, 1]),
+                         r"padding must be >= 0 .* padding \[0, -1\]"),
+    "output size 0": ((_qx(), [5, 5], [], [0, 0], [1, 1]),
+                      r"the output would be empty .*kernel_size \[5, 5\].* input of shape \[1, 2, 4, 4\]"),
+    "output size 0 by dilation": ((_qx(), [3, 3], [], [1, 1], [3, 3]),
+                                  r"the output would be empty .*dilation \[3, 3\]"),
+    "empty planes": ((_qx((1, 2, 0, 4)), [1, 1], [], [0, 0], [1, 1]),
+                     r"the input planes are empty.* input of shape \[1, 2, 0, 4\]"),
+}
+
+
+@pytest.mark.parametrize("case", MAX_POOL_BAD)
+def test_max_pool_bad_input_names_argument(case):
+    args, message = MAX_POOL_BAD[case]
+    with pytest.raises(RuntimeError, match=r"qext\.quantized_max_pool2d: .*" + message):
+        torch.ops.qext.quantized_max_pool2d(*args, False)
+
+
+def test_max_pool_module_bad_arguments():
+    from qext.nn import quantized as nnq
+
+    with pytest.raises(ValueError, match="return_indices=True is not supported"):
+        nnq.MaxPool2d(2, return_indices=True)
+    # A bad geometry reaches the op's check on quantized input (and torch's on float input).
+    with pytest.raises(RuntimeError, match=r"padding must be >= 0 and at most half the kernel_size"):
+        nnq.MaxPool2d(2, padding=2)(_qx())
+
+
+# --------------------------------------------------------------------------------------------------
 # A failed call changes nothing
 # --------------------------------------------------------------------------------------------------
 

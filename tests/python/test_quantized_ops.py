@@ -287,6 +287,101 @@ def test_adaptive_avg_pool_matches_float_pool():
     assert_matches_reference(y.int_repr(), ref, (frac - 0.5).abs() < 1e-6, max_ambiguous=0.5)
 
 
+# ------------------------------------------------------------------------------------------ max pool
+
+
+def assert_same_qtensor(y, ref):
+    """Bit for bit: levels, dtype, scale, zero point, shape and memory format (strides)."""
+    assert y.dtype == ref.dtype and y.shape == ref.shape
+    assert y.q_scale() == ref.q_scale() and y.q_zero_point() == ref.q_zero_point()
+    assert y.stride() == ref.stride(), (y.stride(), ref.stride())
+    assert torch.equal(y.int_repr(), ref.int_repr())
+
+
+def max_pool_input(shape, dtype, channels_last, gen):
+    """Random levels with the dtype's extremes frequent, as a quantized tensor in the given layout."""
+    lo, hi = (0, 255) if dtype == torch.quint8 else (-128, 127)
+    levels = torch.randint(lo, hi + 1, shape, generator=gen)
+    pick = torch.randint(0, 4, shape, generator=gen)
+    levels = torch.where(pick == 0, lo, torch.where(pick == 1, hi, levels))
+    x = qtensor(levels, 0.07, 5 if dtype == torch.quint8 else -3, dtype)
+    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def _two(v):
+    return list(v) if isinstance(v, tuple) else [v, v]
+
+
+@pytest.mark.parametrize("dtype", [torch.quint8, torch.qint8])
+@pytest.mark.parametrize("channels_last", [True, False], ids=["channels_last", "nchw"])
+@pytest.mark.parametrize(
+    "kernel,stride,padding,dilation,ceil_mode",
+    [(2, None, 0, 1, False), (3, 2, 1, 1, False), (3, 2, 1, 1, True), (2, 1, 1, 2, False), (3, 3, 1, 2, True),
+     ((3, 2), (1, 2), (1, 0), (2, 1), True), (1, 2, 0, 1, True), (2, 3, 1, 1, True)],
+)
+def test_max_pool_matches_torch(dtype, channels_last, kernel, stride, padding, dilation, ceil_mode):
+    """Against torch's own quantized max_pool2d on the same tensor (an independent implementation)."""
+    gen = torch.Generator().manual_seed(0)
+    for channels in (1, 3, 16, 17, 64):
+        x = max_pool_input((2, channels, 11, 8), dtype, channels_last, gen)
+        y = ops.quantized_max_pool2d(x, _two(kernel), [] if stride is None else _two(stride), _two(padding),
+                                     _two(dilation), ceil_mode)
+        assert_same_qtensor(y, F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode=ceil_mode))
+
+
+@pytest.mark.parametrize("dtype", [torch.quint8, torch.qint8])
+@pytest.mark.parametrize("channels_last", [True, False], ids=["channels_last", "nchw"])
+def test_max_pool_batch_zero_and_3d_input(dtype, channels_last):
+    gen = torch.Generator().manual_seed(1)
+    x = max_pool_input((0, 8, 6, 6), dtype, channels_last, gen)
+    y = ops.quantized_max_pool2d(x, [2, 2], [], [0, 0], [1, 1], False)
+    assert y.shape == (0, 8, 3, 3)
+    assert_same_qtensor(y, F.max_pool2d(x, 2))
+    x3 = max_pool_input((1, 8, 7, 5), dtype, False, gen)[0]  # [C, H, W]
+    assert_same_qtensor(ops.quantized_max_pool2d(x3, [3, 3], [2, 2], [1, 1], [1, 1], True),
+                        F.max_pool2d(x3, 3, 2, 1, ceil_mode=True))
+
+
+@pytest.mark.parametrize("channels_last", [True, False], ids=["channels_last", "nchw"])
+def test_max_pool_parallel_tasks(channels_last):
+    """Inputs large enough to be split into several parallel tasks (rows / planes) on two threads."""
+    gen = torch.Generator().manual_seed(3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for dtype in (torch.quint8, torch.qint8):
+            x = max_pool_input((9, 40, 33, 30), dtype, channels_last, gen)
+            y = ops.quantized_max_pool2d(x, [3, 3], [2, 2], [1, 1], [1, 1], True)
+            assert_same_qtensor(y, F.max_pool2d(x, 3, 2, 1, ceil_mode=True))
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated:DeprecationWarning")
+def test_max_pool_strided_input_and_module():
+    """A view (a sliced channels-last tensor) gives torch's levels (in channels-last memory, its suggested format,
+    where torch writes NCHW for a non-contiguous input); qext.nn.quantized.MaxPool2d runs the op on quantized
+    CPU inputs, torch's pool on float ones, and traces and scripts."""
+    from qext.nn import quantized as nnq
+
+    gen = torch.Generator().manual_seed(2)
+    x = max_pool_input((2, 12, 9, 10), torch.quint8, True, gen)[:, 2:9, :, 1:]
+    y = ops.quantized_max_pool2d(x, [2, 2], [], [0, 0], [1, 1], False)
+    assert torch.equal(y.int_repr(), F.max_pool2d(x, 2).int_repr())
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    pool = nnq.MaxPool2d((3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2), ceil_mode=True)
+    xq = max_pool_input((2, 16, 9, 10), torch.qint8, True, gen)
+    assert_same_qtensor(pool(xq), F.max_pool2d(xq, (3, 2), (2, 1), (1, 0), (1, 2), ceil_mode=True))
+    assert "qext::quantized_max_pool2d" in str(torch.jit.trace(pool, xq).graph)
+    xf = torch.randn(2, 3, 9, 10)
+    assert torch.equal(pool(xf), F.max_pool2d(xf, (3, 2), (2, 1), (1, 0), (1, 2), ceil_mode=True))
+    scripted = torch.jit.script(pool)
+    assert_same_qtensor(scripted(xq), pool(xq))
+    assert torch.equal(scripted(xf), pool(xf))
+    back = nnq.MaxPool2d.from_float(torch.nn.MaxPool2d(3, 2, 1, 2, ceil_mode=True))
+    assert (back.kernel_size, back.stride, back.padding, back.dilation, back.ceil_mode) == (3, 2, 1, 2, True)
+
+
 # ------------------------------------------------------------------------------------------ bad input
 
 

@@ -333,6 +333,31 @@ def test_converted_layers_agree_with_their_qat_layers_within_one_step():
     assert differing <= 0.001 * sum(out.numel() for _, out in seen.values()) * 4
 
 
+def test_convert_swaps_max_pools_and_the_output_is_unchanged():
+    """convert() puts the integer max pool in place of torch's, inside the quantized part (quantized input) and
+    outside it (float input, torch's pool runs): the model's output is what it was with torch's pools."""
+    qat = _trained_qat().eval()
+    enable_observer(qat, False)
+    model = nn.Sequential(nn.MaxPool2d(3, stride=1, padding=1, ceil_mode=True), qat)  # the first pool sees floats
+    integer = convert(model)
+    outer, inner = integer[0], integer[1].pool
+    assert type(outer) is nnq.MaxPool2d and type(inner) is nnq.MaxPool2d
+    assert (outer.kernel_size, outer.stride, outer.padding, outer.dilation, outer.ceil_mode) == (3, 1, 1, 1, True)
+    with_torch_pools = copy.deepcopy(integer)
+    with_torch_pools[0] = nn.MaxPool2d(3, stride=1, padding=1, ceil_mode=True)
+    with_torch_pools[1].pool = nn.MaxPool2d(2)
+    seen = []
+    inner.register_forward_hook(lambda mod, args, out: seen.append((args[0], out)))
+    for x in _inputs(3, batch=16, seed=21):
+        assert torch.equal(integer(x), with_torch_pools(x))
+    # not vacuous: the inner pool got (and gave) channels-last quint8 tensors, the converted conv's output
+    assert len(seen) == 3
+    for x, y in seen:
+        assert x.dtype == y.dtype == torch.quint8 and x.is_contiguous(memory_format=torch.channels_last)
+    # a pool that returns indices has no integer form and stays torch's
+    assert type(convert(nn.Sequential(nn.MaxPool2d(2, return_indices=True)))[0]) is nn.MaxPool2d
+
+
 def _as_qtensor(x, producer):
     """The quantized tensor an integer model carries for the fake-quantized ``x`` that came out of
     ``producer``'s output quantizer (exact: x is on that quantizer's grid; MaxPool / ReLU keep it there)."""

@@ -1,5 +1,5 @@
-// Quantized residual add and average pooling (qelementwise.h): parameter set-up and the scalar
-// references; the AVX2 add is in qconv_avx2.cpp.
+// Quantized residual add, average and max pooling (qelementwise.h): parameter set-up, the pooling
+// loops and the scalar references; the AVX2 add is in qconv_avx2.cpp.
 #include "qext/kernels/qelementwise.h"
 
 #include <algorithm>
@@ -301,6 +301,246 @@ void avg_pool2d_u8(const AvgPool2dPlan& plan, const uint8_t* x, int64_t planes, 
         const int32_t level =
             requantize_wide(acc, mult[plan.w_class[ow]], q.out_zero_point, q.out_min, q.out_max);
         yp[oh * plan.out_w + ow] = static_cast<uint8_t>(level) ^ flip;
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Max pooling
+// ---------------------------------------------------------------------------------------------
+
+namespace {
+
+// torch's pooling takes int32 sizes too; the bound keeps the window arithmetic far from overflow.
+constexpr int64_t kMaxPoolArg = int64_t{1} << 31;
+
+bool both_in(int64_t a, int64_t b, int64_t lo) {
+  return a >= lo && b >= lo && a < kMaxPoolArg && b < kMaxPoolArg;
+}
+
+// The in-image taps start + j * dilation of each output's window, j < kernel: the first one and
+// how many there are.
+void max_pool_taps(int64_t in, int64_t out, int64_t kernel, int64_t stride, int64_t pad,
+                   int64_t dilation, std::vector<int64_t>* first, std::vector<int64_t>* count) {
+  first->resize(out);
+  count->resize(out);
+  for (int64_t i = 0; i < out; ++i) {
+    const int64_t start = i * stride - pad;
+    const int64_t j0 = start < 0 ? (-start + dilation - 1) / dilation : 0;
+    const int64_t j1 = start < in ? std::min(kernel, (in - start + dilation - 1) / dilation) : 0;
+    (*first)[i] = start + j0 * dilation;
+    (*count)[i] = std::max<int64_t>(0, j1 - j0);
+  }
+}
+
+// The loops below are what GCC vectorizes with baseline SSE2 (pxor, pmaxub): long runs of bytes
+// with a compile-time flip (none for uint8 levels), compared in the flipped (unsigned) order.
+template <uint8_t kFlip>
+void copy_flipped(uint8_t* __restrict out, const uint8_t* __restrict x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<uint8_t>(x[i] ^ kFlip);
+}
+
+template <uint8_t kFlip>
+void max2_flipped(uint8_t* __restrict out, const uint8_t* __restrict a, const uint8_t* __restrict b,
+                  int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    out[i] = std::max(static_cast<uint8_t>(a[i] ^ kFlip), static_cast<uint8_t>(b[i] ^ kFlip));
+  }
+}
+
+template <uint8_t kFlip>
+void max_into(uint8_t* __restrict out, const uint8_t* __restrict x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = std::max(out[i], static_cast<uint8_t>(x[i] ^ kFlip));
+}
+
+// out = the max of the runs x, x + step, ..., x + (taps - 1) step of n bytes each (taps >= 1),
+// two taps in the first pass.
+template <uint8_t kFlip>
+void taps_max(uint8_t* out, const uint8_t* x, int64_t taps, int64_t step, int64_t n) {
+  if (taps == 1) {
+    copy_flipped<kFlip>(out, x, n);
+    return;
+  }
+  max2_flipped<kFlip>(out, x, x + step, n);
+  for (int64_t t = 2; t < taps; ++t) max_into<kFlip>(out, x + t * step, n);
+}
+
+// The max of four runs of n bytes, flipped back: a full 2x2 window's channel vectors in one pass.
+template <uint8_t kFlip>
+void max4(uint8_t* __restrict out, const uint8_t* __restrict a, const uint8_t* __restrict b,
+          const uint8_t* __restrict c, const uint8_t* __restrict d, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const uint8_t ab =
+        std::max(static_cast<uint8_t>(a[i] ^ kFlip), static_cast<uint8_t>(b[i] ^ kFlip));
+    const uint8_t cd =
+        std::max(static_cast<uint8_t>(c[i] ^ kFlip), static_cast<uint8_t>(d[i] ^ kFlip));
+    out[i] = static_cast<uint8_t>(std::max(ab, cd) ^ kFlip);
+  }
+}
+
+// Max is separable: per output row, first the max over its window's input rows (vectorized
+// along whole rows: in_w bytes of a plane, in_w * C channels-last), then each output the max over
+// its window's columns of that. Windows without taps get the lowest level: flipped 0.
+template <uint8_t kFlip>
+void max_pool_nchw(const MaxPool2dPlan& plan, const uint8_t* x, int64_t planes, uint8_t* y) {
+  const int64_t in_h = plan.in_h, in_w = plan.in_w, out_h = plan.out_h, out_w = plan.out_w;
+  const int64_t down = plan.dilation_h * in_w, right = plan.dilation_w;
+  // Locals: the uint8_t stores below may alias anything, the plan's fields included.
+  const int64_t *h_first = plan.h_first.data(), *h_taps = plan.h_taps.data();
+  const int64_t *w_first = plan.w_first.data(), *w_taps = plan.w_taps.data();
+  std::vector<uint8_t> row_max(static_cast<size_t>(in_w));
+  uint8_t* rm = row_max.data();
+  for (int64_t pl = 0; pl < planes; ++pl) {
+    const uint8_t* xp = x + pl * in_h * in_w;
+    uint8_t* yp = y + pl * out_h * out_w;
+    for (int64_t oh = 0; oh < out_h; ++oh) {
+      uint8_t* yr = yp + oh * out_w;
+      if (h_taps[oh] == 0) {
+        std::fill(yr, yr + out_w, kFlip);
+        continue;
+      }
+      taps_max<kFlip>(rm, xp + h_first[oh] * in_w, h_taps[oh], down, in_w);
+      for (int64_t ow = 0; ow < out_w; ++ow) {
+        const uint8_t* col = rm + w_first[ow];
+        uint8_t m = 0;
+        for (int64_t t = 0; t < w_taps[ow]; ++t) m = std::max(m, col[t * right]);
+        yr[ow] = static_cast<uint8_t>(m ^ kFlip);
+      }
+    }
+  }
+}
+
+template <uint8_t kFlip>
+void max_pool_nhwc(const MaxPool2dPlan& plan, const uint8_t* x, int64_t C, int64_t row_begin,
+                   int64_t row_end, uint8_t* y) {
+  const int64_t out_h = plan.out_h, out_w = plan.out_w;
+  const int64_t in_row = plan.in_w * C, image = plan.in_h * in_row;  // bytes
+  const int64_t down = plan.dilation_h * in_row, right = plan.dilation_w * C;
+  const int64_t *h_first = plan.h_first.data(), *h_taps = plan.h_taps.data();
+  const int64_t *w_first = plan.w_first.data(), *w_taps = plan.w_taps.data();
+  std::vector<uint8_t> row_max(static_cast<size_t>(in_row));
+  uint8_t* rm = row_max.data();
+  // Rows whose windows all have 2x2 taps (every row of MaxPool2d(2) but ceil_mode's partial ones)
+  // skip the row max: one pass over each output's four taps beats two passes.
+  const bool pairs = std::all_of(w_taps, w_taps + out_w, [](int64_t t) { return t == 2; });
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const int64_t oh = r % out_h;
+    uint8_t* yr = y + r * out_w * C;
+    if (h_taps[oh] == 0) {
+      std::fill(yr, yr + out_w * C, kFlip);
+      continue;
+    }
+    const uint8_t* x_row = x + (r / out_h) * image + h_first[oh] * in_row;
+    if (pairs && h_taps[oh] == 2) {
+      for (int64_t ow = 0; ow < out_w; ++ow) {
+        const uint8_t* tap = x_row + w_first[ow] * C;
+        max4<kFlip>(yr + ow * C, tap, tap + right, tap + down, tap + down + right, C);
+      }
+      continue;
+    }
+    taps_max<kFlip>(rm, x_row, h_taps[oh], down, in_row);
+    for (int64_t ow = 0; ow < out_w; ++ow) {
+      uint8_t* out = yr + ow * C;
+      if (w_taps[ow] == 0) {
+        std::fill(out, out + C, uint8_t{0});
+      } else {
+        taps_max<0>(out, rm + w_first[ow] * C, w_taps[ow], right, C);
+      }
+    }
+    if (kFlip != 0) {
+      for (int64_t i = 0; i < out_w * C; ++i) yr[i] = static_cast<uint8_t>(yr[i] ^ kFlip);
+    }
+  }
+}
+
+}  // namespace
+
+bool make_max_pool2d_plan(int64_t in_h, int64_t in_w, const MaxPool2dOptions& o,
+                          MaxPool2dPlan* plan, const char** why) {
+  if (in_h < 1 || in_w < 1) {
+    set_why(why, "max_pool2d: the input planes are empty");
+    return false;
+  }
+  if (!both_in(o.kernel_h, o.kernel_w, 1)) {
+    set_why(why, "max_pool2d: kernel_size must be in [1, 2^31)");
+    return false;
+  }
+  if (!both_in(o.stride_h, o.stride_w, 1)) {
+    set_why(why, "max_pool2d: stride must be in [1, 2^31)");
+    return false;
+  }
+  if (!both_in(o.dilation_h, o.dilation_w, 1)) {
+    set_why(why, "max_pool2d: dilation must be in [1, 2^31)");
+    return false;
+  }
+  if (o.pad_h < 0 || o.pad_w < 0 || o.pad_h > o.kernel_h / 2 || o.pad_w > o.kernel_w / 2) {
+    set_why(why, "max_pool2d: padding must be >= 0 and at most half the kernel_size");
+    return false;
+  }
+  MaxPool2dPlan p;
+  p.in_h = in_h;
+  p.in_w = in_w;
+  p.dilation_h = o.dilation_h;
+  p.dilation_w = o.dilation_w;
+  p.out_h =
+      pool_output_size(in_h, o.dilation_h * (o.kernel_h - 1) + 1, o.stride_h, o.pad_h, o.ceil_mode);
+  p.out_w =
+      pool_output_size(in_w, o.dilation_w * (o.kernel_w - 1) + 1, o.stride_w, o.pad_w, o.ceil_mode);
+  if (p.out_h < 1 || p.out_w < 1) {
+    set_why(why, "max_pool2d: the output would be empty (input smaller than the dilated kernel)");
+    return false;
+  }
+  max_pool_taps(in_h, p.out_h, o.kernel_h, o.stride_h, o.pad_h, o.dilation_h, &p.h_first,
+                &p.h_taps);
+  max_pool_taps(in_w, p.out_w, o.kernel_w, o.stride_w, o.pad_w, o.dilation_w, &p.w_first,
+                &p.w_taps);
+  *plan = std::move(p);
+  return true;
+}
+
+void max_pool2d_u8(const MaxPool2dPlan& plan, const uint8_t* x, int64_t planes, uint8_t flip,
+                   uint8_t* y) {
+  if (flip == 0) {
+    max_pool_nchw<0>(plan, x, planes, y);
+  } else {
+    max_pool_nchw<0x80>(plan, x, planes, y);
+  }
+}
+
+void max_pool2d_nhwc_u8(const MaxPool2dPlan& plan, const uint8_t* x, int64_t channels,
+                        int64_t row_begin, int64_t row_end, uint8_t flip, uint8_t* y) {
+  if (flip == 0) {
+    max_pool_nhwc<0>(plan, x, channels, row_begin, row_end, y);
+  } else {
+    max_pool_nhwc<0x80>(plan, x, channels, row_begin, row_end, y);
+  }
+}
+
+void max_pool2d_reference(const MaxPool2dOptions& o, int64_t batch, int64_t channels, int64_t in_h,
+                          int64_t in_w, int64_t out_h, int64_t out_w, bool channels_last,
+                          bool is_signed, const uint8_t* x, uint8_t* y) {
+  auto index = [&](int64_t n, int64_t c, int64_t h, int64_t w, int64_t height, int64_t width) {
+    return channels_last ? ((n * height + h) * width + w) * channels + c
+                         : ((n * channels + c) * height + h) * width + w;
+  };
+  for (int64_t n = 0; n < batch; ++n) {
+    for (int64_t c = 0; c < channels; ++c) {
+      for (int64_t oh = 0; oh < out_h; ++oh) {
+        for (int64_t ow = 0; ow < out_w; ++ow) {
+          int best = is_signed ? -128 : 0;
+          for (int64_t i = 0; i < o.kernel_h; ++i) {
+            const int64_t h = oh * o.stride_h - o.pad_h + i * o.dilation_h;
+            if (h < 0 || h >= in_h) continue;
+            for (int64_t j = 0; j < o.kernel_w; ++j) {
+              const int64_t w = ow * o.stride_w - o.pad_w + j * o.dilation_w;
+              if (w < 0 || w >= in_w) continue;
+              const uint8_t b = x[index(n, c, h, w, in_h, in_w)];
+              best = std::max(best, is_signed ? static_cast<int>(static_cast<int8_t>(b)) : b);
+            }
+          }
+          y[index(n, c, oh, ow, out_h, out_w)] = static_cast<uint8_t>(best);
+        }
       }
     }
   }

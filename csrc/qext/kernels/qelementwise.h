@@ -1,5 +1,6 @@
-// Framework-free quantized elementwise kernels of converted models: the residual add and average
-// pooling (plain and adaptive). Integer-only arithmetic with one rounding (half up) at the end.
+// Framework-free quantized elementwise kernels of converted models: the residual add, average
+// pooling (plain and adaptive) and max pooling. Integer-only arithmetic; the add and average
+// pooling round once (half up), at the end.
 //
 // Levels: every zero point and clamp bound here is in the uint8 domain [0, 255]. int8 tensors
 // (torch.qint8) are handled by XORing their bytes with 0x80 on the way in and out (the `flip`
@@ -102,9 +103,10 @@ struct AvgPool2dOptions {
   int64_t divisor_override;  // > 0: divide by this; 0: none
 };
 
-// Output length of one dimension like torch's pooling (dilation 1): floor or ceil of
+// Output length of one dimension like torch's pooling: floor or ceil of
 // (in + 2 pad - kernel) / stride, + 1; in ceil mode the last window must start inside the input
-// or its left padding. Non-positive when the input is too small.
+// or its left padding. Non-positive when the input is too small. With dilation d, pass the
+// dilated kernel d (kernel - 1) + 1.
 int64_t pool_output_size(int64_t in, int64_t kernel, int64_t stride, int64_t pad, bool ceil_mode);
 
 struct AvgPool2dPlan {
@@ -131,5 +133,46 @@ bool make_adaptive_avg_pool2d_plan(int64_t in_h, int64_t in_w, int64_t out_h, in
 // out_w bytes; every byte is XORed with flip on the way in and out (int8 levels: 0x80).
 void avg_pool2d_u8(const AvgPool2dPlan& plan, const uint8_t* x, int64_t planes, uint8_t flip,
                    uint8_t* y);
+
+// ---------------------------------------------------------------------------------------------
+// Max pooling, torch.nn.MaxPool2d windows (padding, dilation, ceil_mode). Max commutes with the
+// affine map, so the output is the largest level of each window with the input's quantization;
+// padded taps never win. int8 levels go through the flip (x ^ 0x80 orders signed bytes as
+// unsigned ones). A window without any tap in the image (only possible with dilation) gives the
+// lowest level, as torch's quantized max_pool2d does.
+// ---------------------------------------------------------------------------------------------
+struct MaxPool2dOptions {
+  int64_t kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w;
+  bool ceil_mode;
+};
+
+struct MaxPool2dPlan {
+  int64_t in_h = 0, in_w = 0, out_h = 0, out_w = 0, dilation_h = 1, dilation_w = 1;
+  std::vector<int64_t> h_first, h_taps;  // [out_h]: first in-image window row, in-image rows
+  std::vector<int64_t> w_first, w_taps;  // [out_w]: the same for columns
+};
+
+// False (why set to a static message naming the argument when given) for empty input planes,
+// a kernel_size, stride or dilation <= 0, a negative padding or one above half the kernel_size
+// (torch's rule), or an empty output.
+bool make_max_pool2d_plan(int64_t in_h, int64_t in_w, const MaxPool2dOptions& options,
+                          MaxPool2dPlan* plan, const char** why = nullptr);
+
+// NCHW: `planes` consecutive planes, x holds planes * in_h * in_w bytes, y receives planes *
+// out_h * out_w bytes. flip: 0x80 for int8 levels, 0 for uint8 ones (the only two values).
+void max_pool2d_u8(const MaxPool2dPlan& plan, const uint8_t* x, int64_t planes, uint8_t flip,
+                   uint8_t* y);
+
+// Channels-last (NHWC) images of `channels` bytes per pixel: the output rows [row_begin, row_end)
+// of the batch, row r being output row r % out_h of image r / out_h; x and y point at image 0.
+void max_pool2d_nhwc_u8(const MaxPool2dPlan& plan, const uint8_t* x, int64_t channels,
+                        int64_t row_begin, int64_t row_end, uint8_t flip, uint8_t* y);
+
+// The reference the kernels above match: every window tap of every output, straight from the
+// definition, comparing uint8 or (is_signed) int8 values. x: [batch, channels, in_h, in_w] in
+// NCHW or (channels_last) NHWC order; y: [batch, channels, out_h, out_w] in the same order.
+void max_pool2d_reference(const MaxPool2dOptions& options, int64_t batch, int64_t channels,
+                          int64_t in_h, int64_t in_w, int64_t out_h, int64_t out_w,
+                          bool channels_last, bool is_signed, const uint8_t* x, uint8_t* y);
 
 }  // namespace qext::kernels

@@ -69,6 +69,13 @@ at::Tensor quantized_adaptive_avg_pool2d(const at::Tensor& input, at::IntArrayRe
   return op.call(input, output_size, output_scale, output_zero_point, output_min, output_max);
 }
 
+at::Tensor quantized_max_pool2d(const at::Tensor& input, at::IntArrayRef kernel_size,
+                                at::IntArrayRef stride, at::IntArrayRef padding,
+                                at::IntArrayRef dilation, bool ceil_mode) {
+  static auto op = typed_op<decltype(quantized_max_pool2d)>("qext::quantized_max_pool2d");
+  return op.call(input, kernel_size, stride, padding, dilation, ceil_mode);
+}
+
 void set_int8_isa(const std::string& name) { detail::set_int8_isa(name); }
 
 std::string int8_isa() { return detail::int8_isa_name(); }
@@ -103,6 +110,9 @@ TORCH_LIBRARY_FRAGMENT(qext, m) {
   m.def(
       "quantized_adaptive_avg_pool2d(Tensor input, int[2] output_size, float output_scale, "
       "int output_zero_point, int output_min, int output_max) -> Tensor");
+  m.def(
+      "quantized_max_pool2d(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, "
+      "int[2] dilation, bool ceil_mode) -> Tensor");
 }
 
 }  // namespace qext::ops

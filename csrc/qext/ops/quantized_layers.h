@@ -61,6 +61,13 @@ at::Tensor quantized_adaptive_avg_pool2d(const at::Tensor& input, at::IntArrayRe
                                          double output_scale, int64_t output_zero_point,
                                          int64_t output_min, int64_t output_max);
 
+// Max pooling of a quantized tensor ([N, C, H, W] or [C, H, W]; torch.nn.MaxPool2d's windows, an
+// empty stride meaning the kernel_size). The output has the input's dtype, scale, zero point and
+// memory format: max commutes with the affine map, nothing is requantized.
+at::Tensor quantized_max_pool2d(const at::Tensor& input, at::IntArrayRef kernel_size,
+                                at::IntArrayRef stride, at::IntArrayRef padding,
+                                at::IntArrayRef dilation, bool ceil_mode);
+
 // Which CPU kernels the integer layers use: "auto" (the fastest this CPU runs; AMX from 8 rows) or
 // one of supported_int8_isas() ("scalar", "avx2", "avx512_vnni", "amx"), for tests and benchmarks.
 void set_int8_isa(const std::string& name);

@@ -430,6 +430,64 @@ at::Tensor quantized_adaptive_avg_pool2d_cpu(const at::Tensor& input, at::IntArr
   return run_pool_plan(input, plan, in.flip, out);
 }
 
+// Output bytes per parallel task (at least): pooling is cheap per byte, small tasks cost more to
+// hand out than to run.
+constexpr int64_t kPoolTaskBytes = 1 << 14;
+
+at::Tensor quantized_max_pool2d_cpu(const at::Tensor& input, at::IntArrayRef kernel_size,
+                                    at::IntArrayRef stride, at::IntArrayRef padding,
+                                    at::IntArrayRef dilation, bool ceil_mode) {
+  constexpr const char* op = "qext.quantized_max_pool2d";
+  const auto in = detail::resolve_int8_input(input, op);
+  TORCH_CHECK(input.dim() == 3 || input.dim() == 4, op,
+              ": input must be 3-D [C, H, W] or 4-D [N, C, H, W], got shape ", input.sizes());
+  auto two = [&](at::IntArrayRef v, const char* name) {
+    TORCH_CHECK(v.size() == 2, op, ": ", name, " must have two values, got ", v);
+  };
+  two(kernel_size, "kernel_size");
+  two(padding, "padding");
+  two(dilation, "dilation");
+  TORCH_CHECK(stride.empty() || stride.size() == 2, op,
+              ": stride must have two values (or none: the kernel_size), got ", stride);
+  const at::IntArrayRef step = stride.empty() ? kernel_size : stride;
+  const k::MaxPool2dOptions options{kernel_size[0], kernel_size[1], step[0],
+                                    step[1],        padding[0],     padding[1],
+                                    dilation[0],    dilation[1],    ceil_mode};
+  k::MaxPool2dPlan plan;
+  const char* why = "";
+  TORCH_CHECK(k::make_max_pool2d_plan(input.size(-2), input.size(-1), options, &plan, &why), op,
+              ": ", why, "; got kernel_size ", kernel_size, ", stride ", step, ", padding ",
+              padding, ", dilation ", dilation, " for an input of shape ", input.sizes());
+  auto sizes = input.sizes().vec();
+  sizes[sizes.size() - 2] = plan.out_h;
+  sizes[sizes.size() - 1] = plan.out_w;
+  // Like torch, the output keeps the input's memory format; channels-last (what the converted
+  // convolutions write) runs the kernel that maxes whole channel vectors.
+  const bool channels_last =
+      input.dim() == 4 && input.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+  const auto format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const auto x = input.contiguous(format);
+  auto y = at::_empty_affine_quantized(sizes, input.options(), input.q_scale(),
+                                       input.q_zero_point(), format);
+  const uint8_t* x_p = levels(x);
+  uint8_t* y_p = levels(y);
+  if (channels_last) {
+    const int64_t channels = input.size(1);
+    const int64_t grain =
+        std::max<int64_t>(1, kPoolTaskBytes / std::max<int64_t>(1, plan.out_w * channels));
+    at::parallel_for(0, input.size(0) * plan.out_h, grain, [&](int64_t b, int64_t e) {
+      k::max_pool2d_nhwc_u8(plan, x_p, channels, b, e, in.flip, y_p);
+    });
+  } else {
+    const int64_t in_plane = plan.in_h * plan.in_w, out_plane = plan.out_h * plan.out_w;
+    const int64_t grain = std::max<int64_t>(1, kPoolTaskBytes / out_plane);
+    at::parallel_for(0, x.numel() / in_plane, grain, [&](int64_t b, int64_t e) {
+      k::max_pool2d_u8(plan, x_p + b * in_plane, e - b, in.flip, y_p + b * out_plane);
+    });
+  }
+  return y;
+}
+
 // The layer ops dispatch on their quantized input (QuantizedCPU); registered at CPU too so that a
 // float (or integer) tensor given by mistake gets the op's own message rather than the
 // dispatcher's.
@@ -439,6 +497,7 @@ void register_layers(torch::Library& m) {
   m.impl("quantized_add", quantized_add_cpu);
   m.impl("quantized_avg_pool2d", quantized_avg_pool2d_cpu);
   m.impl("quantized_adaptive_avg_pool2d", quantized_adaptive_avg_pool2d_cpu);
+  m.impl("quantized_max_pool2d", quantized_max_pool2d_cpu);
 }
 
 TORCH_LIBRARY_IMPL(qext, QuantizedCPU, m) { register_layers(m); }

@@ -9,6 +9,7 @@ from .modules import (
     DeQuantize,
     DynamicLinear,
     Linear,
+    MaxPool2d,
     QAdd,
     Quantize,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "KMeansConv2d",
     "KMeansLinear",
     "Linear",
+    "MaxPool2d",
     "QAdd",
     "Quantize",
     "QUANTIZED_MODULES",

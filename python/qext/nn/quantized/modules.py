@@ -3,8 +3,8 @@
 Weights are stored as integers (``weight``: int8 for ranges of at most 8 bits, int32 beyond) with float32
 scales and int32 zero points, per output channel or per tensor. Between modules, activations travel as
 PyTorch per-tensor affine quantized tensors (``torch.quint8`` / ``torch.qint8`` / ``torch.qint32``), so the
-float model's parameter-free modules (``MaxPool2d``, ``Flatten``, ``ReLU``, ``Dropout`` in eval, ...) keep
-working on them unchanged.
+float model's parameter-free modules (``Flatten``, ``ReLU``, ``Dropout`` in eval, ...) keep working on them
+unchanged; ``MaxPool2d`` becomes the integer :class:`MaxPool2d`.
 
 ``Linear`` / ``Conv2d`` compute as Jacob et al. (2018):
 
@@ -32,7 +32,7 @@ dequantized weights, exactly as the fake-quant model did, and the output is quan
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +48,13 @@ def _is_8bit(x) -> bool:
 
 def _pair(v) -> list:
     return list(v) if isinstance(v, (tuple, list)) else [v, v]
+
+
+def _int_pair(v: Union[int, Tuple[int, int]]) -> List[int]:
+    """``_pair`` that TorchScript compiles (a converted MaxPool2d scripts)."""
+    if isinstance(v, int):
+        return [v, v]
+    return [v[0], v[1]]
 
 
 class _QuantizedBase(nn.Module):
@@ -219,6 +226,38 @@ class AdaptiveAvgPool2d(_Pool):
 
     def extra_repr(self) -> str:
         return self.pool.extra_repr()
+
+
+# --------------------------------------------------------------------------------------------------
+# Max pooling
+# --------------------------------------------------------------------------------------------------
+
+
+class MaxPool2d(nn.MaxPool2d):
+    """Converted ``MaxPool2d`` (``qext.convert`` swaps torch's in): on an 8-bit quantized CPU input, the integer
+    max pool ``torch.ops.qext.quantized_max_pool2d`` (vectorized over the channel vectors of the channels-last
+    tensors the converted convolutions write). Max commutes with the affine map, so the output keeps the
+    input's dtype, scale, zero point and memory format, exactly as torch's quantized max pool. Any other input
+    (float, CUDA, 32-bit) runs ``F.max_pool2d``. Stateless; ``return_indices`` is not supported."""
+
+    def __init__(self, kernel_size, stride=None, padding=0, dilation=1, return_indices=False, ceil_mode=False):
+        if return_indices:
+            raise ValueError("qext.nn.quantized.MaxPool2d: return_indices=True is not supported (the integer "
+                             "kernel returns no indices); keep torch.nn.MaxPool2d for it")
+        super().__init__(kernel_size, stride, padding, dilation, False, ceil_mode)
+
+    @classmethod
+    def from_float(cls, mod: nn.MaxPool2d) -> "MaxPool2d":
+        return cls(mod.kernel_size, mod.stride, mod.padding, mod.dilation, mod.return_indices, mod.ceil_mode)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Per-channel inputs reach the op too: its error names the qscheme (torch's max_pool2d takes none either).
+        if _is_8bit(x) and x.is_cpu:
+            return torch.ops.qext.quantized_max_pool2d(
+                x, _int_pair(self.kernel_size), _int_pair(self.stride), _int_pair(self.padding),
+                _int_pair(self.dilation), self.ceil_mode
+            )
+        return F.max_pool2d(x, self.kernel_size, self.stride, self.padding, self.dilation, ceil_mode=self.ceil_mode)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -556,4 +595,5 @@ class DynamicLinear(nn.Module):
                 f"activation=per-batch affine [{self.act_quant_min}, {self.act_quant_max}]")
 
 
-QUANTIZED_MODULES = (Quantize, DeQuantize, QAdd, Linear, Conv2d, DynamicLinear, AvgPool2d, AdaptiveAvgPool2d)
+QUANTIZED_MODULES = (Quantize, DeQuantize, QAdd, Linear, Conv2d, DynamicLinear, AvgPool2d, AdaptiveAvgPool2d,
+                     MaxPool2d)
