@@ -8,8 +8,11 @@ alike):
   linear   quantized Linear on M x K -> N = 1x1024->1024, 64x1024->1024, 256x512->512: qext
            ``quantized_linear`` (the ISA qext picks, and each ISA this CPU runs) vs torch.ao.nn.quantized.Linear
            on the fbgemm, x86 and onednn engines, and fp32 F.linear (MKL). uint8 input, per-channel int8
-           weights, requantized uint8 output for all int8 variants. Also GMAC/s against the AVX2 int8 peak
-           (32 MAC / cycle / core at ``--ghz``). The input has levels 0..255; "qext[avx2] 7-bit" feeds the
+           weights, requantized uint8 output for all int8 variants. Also GMAC/s against the AVX2 int8 peak:
+           the nominal one (32 MAC / cycle / core at ``--ghz``) and the one measured on this machine in the
+           same round-robin by the loops of benchmarks/avx2_peak.cpp (libqext_avx2_peak, built with the
+           project: a register-only vpmaddubsw / vpmaddwd / vpaddd loop, and a dependent-add loop for the
+           clock). The input has levels 0..255; "qext[avx2] 7-bit" feeds the
            same x as 7-bit levels 0..127 (the int8_avx2 preset), which the AVX2 path runs with vpmaddubsw.
   conv     3x3 convolution 8x64x56x56 -> 64 (padding 1), channels-last and NCHW inputs, the same engines.
   pool     MaxPool2d(2) on a quint8 64x64x24x24 input (the CNN's first pool at batch 64), channels-last (what
@@ -32,6 +35,7 @@ import copy
 import json
 import os
 import platform
+import ctypes
 import statistics
 import sys
 import time
@@ -89,6 +93,21 @@ def with_isa(isa: str, fn):
 
 
 # ------------------------------------------------------------------------------------------- linear
+PEAK_LOOP, CLOCK_LOOP = "AVX2 peak loop", "clock loop"
+PEAK_ITERS, CLOCK_ITERS = 100_000, 100_000  # 128 MACs / 8 cycles per iteration
+
+
+def avx2_peak_loops() -> dict:
+    """The loops of benchmarks/avx2_peak.cpp as round-robin variants (none when the library was not built, e.g.
+    not x86)."""
+    path = Path(os.environ.get("QEXT_BUILD_DIR", REPO_ROOT / "build")) / "libqext_avx2_peak.so"
+    if not path.exists():
+        return {}
+    lib = ctypes.CDLL(str(path))
+    lib.qext_avx2_peak_loop.argtypes = lib.qext_clock_loop.argtypes = [ctypes.c_int64]
+    return {PEAK_LOOP: lambda: lib.qext_avx2_peak_loop(PEAK_ITERS), CLOCK_LOOP: lambda: lib.qext_clock_loop(CLOCK_ITERS)}
+
+
 def linear_variants(M: int, K: int, N: int) -> dict:
     g = torch.Generator().manual_seed(M + K + N)
     x = torch.randn(M, K, generator=g)
@@ -104,14 +123,17 @@ def linear_variants(M: int, K: int, N: int) -> dict:
     qx7 = torch.quantize_per_tensor(x, float(x.abs().max() / 63), 64, torch.quint8)  # levels 0..127
 
     def qext_linear(qx=qx):
-        return ops.quantized_linear(qx, packed, sums, [N, K], ws, bias, out_scale, 128, 0, 255, False)
+        # Each variant its own copy of the packed weight, as each torch engine has its own: in the round-robin
+        # every variant then starts with its weight out of L2 (evicted by the others), not just the first.
+        packed_copy, sums_copy = packed.clone(), sums.clone()
+        return lambda: ops.quantized_linear(qx, packed_copy, sums_copy, [N, K], ws, bias, out_scale, 128, 0, 255, False)
 
-    fns = {"qext": qext_linear}
+    fns = {"qext": qext_linear()}
     for isa in qext._C.supported_int8_isas():
         if isa != "scalar":
-            fns[f"qext[{isa}]"] = with_isa(isa, qext_linear)
+            fns[f"qext[{isa}]"] = with_isa(isa, qext_linear())
     if "avx2" in qext._C.supported_int8_isas():
-        fns["qext[avx2] 7-bit"] = with_isa("avx2", lambda: qext_linear(qx7))
+        fns["qext[avx2] 7-bit"] = with_isa("avx2", qext_linear(qx7))
     for eng in ENGINES:
         torch.backends.quantized.engine = eng
         lin = torch.ao.nn.quantized.Linear(K, N)
@@ -119,6 +141,7 @@ def linear_variants(M: int, K: int, N: int) -> dict:
         lin.scale, lin.zero_point = out_scale, 128
         fns[f"torch {eng}"] = with_engine(eng, lambda lin=lin: lin(qx))
     fns["fp32"] = lambda: F.linear(x, w, bias)
+    fns.update(avx2_peak_loops())
     return fns
 
 
@@ -222,6 +245,7 @@ def main() -> None:
     peak = 32 * args.ghz * args.threads
     result = {"threads": args.threads, "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
               "qext_isas": qext._C.supported_int8_isas(), "avx2_peak_gmacs": peak}
+
     report = [f"threads={args.threads}, torch {torch.__version__}, qext ISAs {qext._C.supported_int8_isas()}"]
 
     with torch.no_grad():
@@ -230,13 +254,22 @@ def main() -> None:
             for M, K, N in ((1, 1024, 1024), (64, 1024, 1024), (256, 512, 512)):
                 t = time_round_robin(linear_variants(M, K, N), args.reps)
                 best_torch = min(v for k, v in t.items() if k.startswith("torch"))
+                # The loops run on one thread: scaled by --threads like the nominal peak.
+                measured = 128 * PEAK_ITERS * args.threads / t.pop(PEAK_LOOP) / 1e9 if PEAK_LOOP in t else None
+                ghz = 8 * CLOCK_ITERS / t.pop(CLOCK_LOOP) / 1e9 if CLOCK_LOOP in t else None
                 for k, v in t.items():
                     gmacs = M * K * N / v / 1e9
                     rows.append({"shape": f"{M}x{K}->{N}", "variant": k, "us": f"{v * 1e6:.1f}",
                                  "GMAC/s": f"{gmacs:.1f}", "% AVX2 peak": f"{100 * gmacs / peak:.0f}",
+                                 "% measured AVX2 peak": f"{100 * gmacs / measured:.0f}" if measured else "n/a",
                                  "vs fastest torch int8": f"{best_torch / v:.2f}x"})
+                if measured:
+                    rows.append({"shape": f"{M}x{K}->{N}", "variant": f"({PEAK_LOOP}: {measured / args.threads / ghz:.1f} "
+                                 f"MAC/cycle at {ghz:.2f} GHz)", "GMAC/s": f"{measured:.1f}",
+                                 "% AVX2 peak": f"{100 * measured / peak:.0f}", "% measured AVX2 peak": "100"})
             result["linear"] = rows
-            report.append(table("int8 Linear", rows, ["shape", "variant", "us", "GMAC/s", "% AVX2 peak", "vs fastest torch int8"]))
+            report.append(table("int8 Linear", rows, ["shape", "variant", "us", "GMAC/s", "% AVX2 peak", "% measured AVX2 peak",
+                                                      "vs fastest torch int8"]))
         if "conv" in sections:
             rows = []
             macs = 8 * 64 * 56 * 56 * 64 * 9
