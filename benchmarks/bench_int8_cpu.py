@@ -32,10 +32,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
 import json
 import os
 import platform
-import ctypes
+import random
 import statistics
 import sys
 import time
@@ -60,15 +61,19 @@ ENGINES = [e for e in ("fbgemm", "x86", "onednn") if e in torch.backends.quantiz
 
 
 def time_round_robin(fns: dict, reps: int, warmup: int = 3) -> dict:
-    """Median seconds per call of each fn, calls interleaved."""
+    """Median seconds per call of each fn, calls interleaved. Each round runs the fns in a new (seeded) random
+    order: in a fixed order each fn would always follow the same one, e.g. always find its data evicted by
+    the fp32 model, or always find the caches as another fn of its own left them."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times = {k: [] for k in fns}
+    order, shuffle = list(fns), random.Random(0).shuffle
     for _ in range(reps):
-        for k, fn in fns.items():
+        shuffle(order)
+        for k in order:
             t0 = time.perf_counter()
-            fn()
+            fns[k]()
             times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
