@@ -334,7 +334,8 @@ Conv2dGeometry stride1_geometry(int64_t batch, int64_t cin, int64_t h, int64_t w
   return g;
 }
 
-// conv2d_implicit_u8s8 over all images, output rows in calls of `chunk` rows; NCHW output.
+// conv2d_implicit_u8s8 over all images in pieces of `chunk` rows, in two calls split at a row
+// that is not a piece boundary (the second call's pieces start mid-image); NCHW output.
 std::vector<uint8_t> implicit_conv(const QuantConv& q, int64_t chunk) {
   const Conv2dGeometry& g = q.g;
   const int64_t k = g.group_k(), implicit_k = conv_implicit_k(g);
@@ -348,12 +349,11 @@ std::vector<uint8_t> implicit_conv(const QuantConv& q, int64_t chunk) {
   const RequantEpilogue ep = conv_epilogue(q, row_sums.data(), 0);
   std::vector<uint8_t> nhwc(static_cast<size_t>(g.batch * g.out_h * g.out_w * g.out_channels),
                             0xEE);
-  for (int64_t n = 0; n < g.batch; ++n) {
-    for (int64_t oh0 = 0; oh0 < g.out_h; oh0 += chunk) {
-      conv2d_implicit_u8s8(q.x.data(), g, weight.data(), ep, n, oh0, std::min(g.out_h, oh0 + chunk),
-                           static_cast<uint8_t>(q.x_zero_point), q.signed_input ? 0x80 : 0,
-                           nhwc.data());
-    }
+  const int64_t total_rows = g.batch * g.out_h, split = total_rows / 2 + 1;
+  for (const auto& [begin, end] : {std::pair{int64_t{0}, split}, std::pair{split, total_rows}}) {
+    conv2d_implicit_u8s8(q.x.data(), g, weight.data(), ep, begin, end, chunk,
+                         static_cast<uint8_t>(q.x_zero_point), q.signed_input ? 0x80 : 0,
+                         nhwc.data());
   }
   std::vector<uint8_t> y(nhwc.size());
   const int64_t hw = g.out_h * g.out_w;
@@ -398,6 +398,8 @@ TEST(ConvImplicit, WeightLayouts) {
   EXPECT_TRUE(conv_implicit_gathers_patches(g1));
   EXPECT_EQ(conv_implicit_k(g1), 64);
   EXPECT_TRUE(conv_implicit_weight_is_packed(g1));
+  // 32 channels, 3x3: 5 patch k blocks against 6 padded-row ones is not worth the gather.
+  EXPECT_FALSE(conv_implicit_gathers_patches(stride1_geometry(1, 32, 6, 6, 8, 3, 3, 0, 0, 1)));
   const Conv2dGeometry g64 = stride1_geometry(1, 64, 4, 4, 16, 3, 1, 0, 0, 1);
   EXPECT_FALSE(conv_implicit_gathers_patches(g64));
   EXPECT_TRUE(conv_implicit_weight_is_packed(g64));
@@ -416,7 +418,9 @@ TEST(ConvImplicit, AmxEqualsDirectConvolution) {
   struct Case {
     int64_t batch, cin, h, w, cout, kh, kw, pad_h, pad_w, dilation_h, chunk;
   };
-  std::set<int> modes;  // A rows read from the padded input (0), from spans (1), from patches (2)
+  // A rows read in place from the padded input, 64-byte aligned (0) or straddling cache lines (1),
+  // or from gathered patches (2).
+  std::set<int> modes;
   const Case cases[] = {
       {2, 1, 28, 28, 32, 3, 3, 0, 0, 1, 26}, {1, 3, 9, 8, 5, 3, 3, 1, 1, 1, 2},
       {2, 32, 13, 13, 64, 3, 3, 0, 0, 1, 4}, {1, 64, 12, 11, 64, 3, 3, 1, 1, 1, 5},
@@ -464,13 +468,17 @@ TEST(ConvImplicit, ExtremeLevelsAndRejections) {
   Conv2dGeometry strided = g;
   strided.stride_h = 2;
   EXPECT_FALSE(conv_implicit_supported(strided));
-  EXPECT_THROW(conv2d_implicit_u8s8(x.data(), strided, w.data(), ep, 0, 0, 1, 0, 0, y.data()),
+  EXPECT_THROW(conv2d_implicit_u8s8(x.data(), strided, w.data(), ep, 0, 1, 1, 0, 0, y.data()),
                std::invalid_argument);
-  EXPECT_THROW(conv2d_implicit_u8s8(x.data(), g, w.data(), ep, 0, 0, 11, 0, 0, y.data()),
+  EXPECT_THROW(conv2d_implicit_u8s8(x.data(), g, w.data(), ep, 0, 11, 4, 0, 0, y.data()),
+               std::invalid_argument);  // 10 output rows
+  EXPECT_THROW(conv2d_implicit_u8s8(x.data(), g, w.data(), ep, -1, 3, 4, 0, 0, y.data()),
                std::invalid_argument);
+  EXPECT_THROW(conv2d_implicit_u8s8(x.data(), g, w.data(), ep, 0, 3, 0, 0, 0, y.data()),
+               std::invalid_argument);  // pieces of no rows
   std::vector<FixedPointMultiplier> bad(32, FixedPointMultiplier{5, 0, 0});
   const RequantEpilogue bad_ep{sums.data(), 0, nullptr, bad.data(), 0, 0, 255};
-  EXPECT_THROW(conv2d_implicit_u8s8(x.data(), g, w.data(), bad_ep, 0, 0, 1, 0, 0, y.data()),
+  EXPECT_THROW(conv2d_implicit_u8s8(x.data(), g, w.data(), bad_ep, 0, 1, 1, 0, 0, y.data()),
                std::invalid_argument);
 }
 

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cstring>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "qext/kernels/qconv_isa.h"
@@ -151,7 +152,7 @@ int64_t conv_span_bytes(const Conv2dGeometry& g) {
 }
 
 bool conv_implicit_gathers_patches(const Conv2dGeometry& g) {
-  return packed_k(g.group_k()) < g.kernel_h * conv_span_bytes(g);
+  return 2 * packed_k(g.group_k()) <= g.kernel_h * conv_span_bytes(g);
 }
 
 int64_t conv_implicit_k(const Conv2dGeometry& g) {
@@ -200,37 +201,43 @@ namespace {
 
 template <typename Epilogue, typename Out>
 void conv2d_implicit(const uint8_t* x, const Conv2dGeometry& g, const int8_t* weight,
-                     const Epilogue& ep, int64_t n, int64_t oh0, int64_t oh1, uint8_t pad_value,
-                     uint8_t flip, Out* y) {
+                     const Epilogue& ep, int64_t row_begin, int64_t row_end, int64_t piece_rows,
+                     uint8_t pad_value, uint8_t flip, Out* y) {
   if (!conv_implicit_supported(g)) {
     throw std::invalid_argument("conv2d_implicit_u8s8: needs stride 1, dilation_w 1 and one group");
   }
   if (!isa_supported(Isa::kAmx)) {
     throw std::invalid_argument("conv2d_implicit_u8s8: AMX is not available on this CPU");
   }
-  if (oh0 < 0 || oh1 > g.out_h || n < 0 || n >= g.batch) {
-    throw std::invalid_argument("conv2d_implicit_u8s8: rows or image out of range");
+  if (row_begin < 0 || row_end > g.batch * g.out_h) {
+    throw std::invalid_argument("conv2d_implicit_u8s8: rows [" + std::to_string(row_begin) + ", " +
+                                std::to_string(row_end) + ") out of range for " +
+                                std::to_string(g.batch * g.out_h) + " output rows");
   }
-  if (oh0 >= oh1 || g.out_w <= 0 || g.out_channels <= 0) return;
+  if (piece_rows < 1) {
+    throw std::invalid_argument("conv2d_implicit_u8s8: piece_rows=" + std::to_string(piece_rows) +
+                                " must be >= 1");
+  }
+  if (row_begin >= row_end || g.out_w <= 0 || g.out_channels <= 0) return;
   if (x == nullptr || weight == nullptr || y == nullptr) {
     throw std::invalid_argument("conv2d_implicit_u8s8: null x, weight or y");
   }
   detail::check_epilogue(ep, g.out_channels, "conv2d_implicit_u8s8");
-  detail::conv2d_implicit_amx(x, g, weight, ep, n, oh0, oh1, pad_value, flip, y);
+  detail::conv2d_implicit_amx(x, g, weight, ep, row_begin, row_end, piece_rows, pad_value, flip, y);
 }
 
 }  // namespace
 
 void conv2d_implicit_u8s8(const uint8_t* x, const Conv2dGeometry& g, const int8_t* weight,
-                          const RequantEpilogue& ep, int64_t n, int64_t oh0, int64_t oh1,
-                          uint8_t pad_value, uint8_t flip, uint8_t* y) {
-  conv2d_implicit(x, g, weight, ep, n, oh0, oh1, pad_value, flip, y);
+                          const RequantEpilogue& ep, int64_t row_begin, int64_t row_end,
+                          int64_t piece_rows, uint8_t pad_value, uint8_t flip, uint8_t* y) {
+  conv2d_implicit(x, g, weight, ep, row_begin, row_end, piece_rows, pad_value, flip, y);
 }
 
 void conv2d_implicit_u8s8(const uint8_t* x, const Conv2dGeometry& g, const int8_t* weight,
-                          const FloatEpilogue& ep, int64_t n, int64_t oh0, int64_t oh1,
-                          uint8_t pad_value, uint8_t flip, float* y) {
-  conv2d_implicit(x, g, weight, ep, n, oh0, oh1, pad_value, flip, y);
+                          const FloatEpilogue& ep, int64_t row_begin, int64_t row_end,
+                          int64_t piece_rows, uint8_t pad_value, uint8_t flip, float* y) {
+  conv2d_implicit(x, g, weight, ep, row_begin, row_end, piece_rows, pad_value, flip, y);
 }
 
 }  // namespace qext::kernels

@@ -51,10 +51,10 @@ void add_u8_avx2(const uint8_t* a, const uint8_t* b, int64_t n, const AddParams&
 
 // AMX (qconv_amx.cpp), behind conv2d_implicit_u8s8.
 void conv2d_implicit_amx(const uint8_t* x, const Conv2dGeometry& g, const int8_t* weight,
-                         const RequantEpilogue& ep, int64_t n, int64_t oh0, int64_t oh1,
-                         uint8_t pad_value, uint8_t flip, uint8_t* y);
+                         const RequantEpilogue& ep, int64_t row_begin, int64_t row_end,
+                         int64_t piece_rows, uint8_t pad_value, uint8_t flip, uint8_t* y);
 void conv2d_implicit_amx(const uint8_t* x, const Conv2dGeometry& g, const int8_t* weight,
-                         const FloatEpilogue& ep, int64_t n, int64_t oh0, int64_t oh1,
-                         uint8_t pad_value, uint8_t flip, float* y);
+                         const FloatEpilogue& ep, int64_t row_begin, int64_t row_end,
+                         int64_t piece_rows, uint8_t pad_value, uint8_t flip, float* y);
 
 }  // namespace qext::kernels::detail

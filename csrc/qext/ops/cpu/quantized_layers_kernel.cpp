@@ -231,17 +231,17 @@ void implicit_conv_cpu(const at::Tensor& input, const k::Conv2dGeometry& g, cons
   rows_per_task = (g.out_h + tasks_per_image() - 1) / tasks_per_image();
   const int64_t per_image = tasks_per_image();
   const auto pad_value = static_cast<uint8_t>(p.input.zero_point ^ p.input.flip);
+  // Task t's first output row of the batch; a thread's tasks [b, e) are rows [row(b), row(e)).
+  auto row = [&](int64_t t) {
+    return t / per_image * g.out_h + std::min(g.out_h, t % per_image * rows_per_task);
+  };
   at::parallel_for(0, g.batch * per_image, 1, [&](int64_t b, int64_t e) {
-    for (int64_t t = b; t < e; ++t) {
-      const int64_t n = t / per_image, oh0 = (t % per_image) * rows_per_task;
-      const int64_t oh1 = std::min(g.out_h, oh0 + rows_per_task);
-      if (p.output.is_float) {
-        k::conv2d_implicit_u8s8(x_p, g, w, detail::float_epilogue(p, sums, 0), n, oh0, oh1,
-                                pad_value, p.input.flip, y.data_ptr<float>());
-      } else {
-        k::conv2d_implicit_u8s8(x_p, g, w, detail::requant_epilogue(p, sums, 0), n, oh0, oh1,
-                                pad_value, p.input.flip, levels(y));
-      }
+    if (p.output.is_float) {
+      k::conv2d_implicit_u8s8(x_p, g, w, detail::float_epilogue(p, sums, 0), row(b), row(e),
+                              rows_per_task, pad_value, p.input.flip, y.data_ptr<float>());
+    } else {
+      k::conv2d_implicit_u8s8(x_p, g, w, detail::requant_epilogue(p, sums, 0), row(b), row(e),
+                              rows_per_task, pad_value, p.input.flip, levels(y));
     }
   });
 }
