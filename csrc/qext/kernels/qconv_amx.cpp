@@ -103,9 +103,9 @@ class ImplicitConv {
   // Output rows [oh0, oh1) of image n (at most piece_rows of them).
   void run_piece(int64_t n, int64_t oh0, int64_t oh1) {
     const PieceLayout piece(g_, mode_, K_, oh1 - oh0);
-    copy_padded_rows(n, oh0, piece);
-    if (mode_ == Rows::kPatches) gather_patches(piece);
-    const uint8_t* const a = mode_ == Rows::kInPlace ? xp_ : gathered_;
+    const uint8_t* const padded = padded_rows(n, oh0, piece);
+    if (mode_ == Rows::kPatches) gather_patches(padded, piece);
+    const uint8_t* const a = mode_ == Rows::kInPlace ? padded : gathered_;
     const int64_t* const koff = k_offsets_.data();
     const int64_t K = K_, kblocks = kblocks_, stride = stride_, rows = piece.rows;
     const int64_t b_block_bytes = static_cast<int64_t>(packed_block_offset(kPackN, K));
@@ -165,10 +165,17 @@ class ImplicitConv {
  private:
   static constexpr int64_t kScratchBytes = 2 * kBlockM * kBlockN * sizeof(int32_t);
 
-  // Padded rows: padded row r is input row oh0 + r - pad_h (pad_value outside the image); bytes
-  // past the rows only ever meet zero weights or dropped pixels (zeroed: no stale data read).
-  void copy_padded_rows(int64_t n, int64_t oh0, const PieceLayout& piece) {
+  // The piece's padded rows: padded row r is input row oh0 + r - pad_h (pad_value outside the
+  // image); the bytes past the rows only ever meet zero weights or dropped pixels. Read in x itself
+  // when nothing pads or flips them and the reads stay inside x (bytes past the rows: later rows of
+  // x); else copied to the buffer (bytes past the rows zeroed: no stale data read).
+  const uint8_t* padded_rows(int64_t n, int64_t oh0, const PieceLayout& piece) {
     const int64_t C = g_.in_channels, row_bytes = g_.in_w * C, side = g_.pad_w * C;
+    const int64_t start = (n * g_.in_h + oh0) * row_bytes;
+    if (g_.pad_h == 0 && g_.pad_w == 0 && flip_ == 0 &&
+        start + piece.padded_bytes <= g_.batch * g_.in_h * row_bytes) {
+      return x_ + start;
+    }
     for (int64_t r = 0; r < piece.in_rows; ++r) {
       uint8_t* dst = xp_ + r * Wp_ * C;
       const int64_t ih = oh0 + r - g_.pad_h;
@@ -182,9 +189,10 @@ class ImplicitConv {
     }
     std::memset(xp_ + piece.data_bytes, 0,
                 static_cast<size_t>(piece.padded_bytes - piece.data_bytes));
+    return xp_;
   }
 
-  void gather_patches(const PieceLayout& piece) {
+  void gather_patches(const uint8_t* padded, const PieceLayout& piece) {
     // Each kernel row copies its row_taps bytes rounded up to 16 (at most span: the bytes past
     // row_taps are overwritten by the next kernel row or meet zero weights), not the whole span: a
     // first layer's 3-byte rows would cost a 64-byte copy each.
@@ -208,11 +216,10 @@ class ImplicitConv {
     // Locals: the byte stores could alias the members, which would reload them in the loop.
     const int64_t C = g_.in_channels, K = K_, kernel_h = g_.kernel_h;
     const int64_t row_step = g_.dilation_h * Wp_ * C, pixels = piece.blocks * kBlockM;
-    const uint8_t* const xp = xp_;
     uint8_t* const gathered = gathered_;
     auto gather = [&](auto copy) {
       for (int64_t v = 0; v < pixels; ++v) {
-        const uint8_t* src = xp + v * C;
+        const uint8_t* src = padded + v * C;
         uint8_t* dst = gathered + v * K;
         for (int64_t kh = 0; kh < kernel_h; ++kh) copy(dst + kh * row_taps, src + kh * row_step);
       }
