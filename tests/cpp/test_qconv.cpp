@@ -421,13 +421,16 @@ TEST(ConvImplicit, AmxEqualsDirectConvolution) {
   // A rows read in place from the padded input, 64-byte aligned (0) or straddling cache lines (1),
   // or from gathered patches (2).
   std::set<int> modes;
+  // The last three have one channel: patches of up to 16 bytes take the byte-permute gather (2x5
+  // dilated, 4x4), larger ones the copies (5x5).
   const Case cases[] = {
       {2, 1, 28, 28, 32, 3, 3, 0, 0, 1, 26}, {1, 3, 9, 8, 5, 3, 3, 1, 1, 1, 2},
       {2, 32, 13, 13, 64, 3, 3, 0, 0, 1, 4}, {1, 64, 12, 11, 64, 3, 3, 1, 1, 1, 5},
       {1, 16, 7, 9, 40, 5, 5, 2, 2, 1, 3},   {1, 80, 6, 7, 100, 2, 3, 1, 0, 2, 1},
       {3, 20, 5, 6, 33, 1, 1, 0, 0, 1, 5},   {1, 8, 17, 3, 16, 3, 1, 1, 0, 2, 7},
       {1, 128, 4, 4, 24, 3, 3, 1, 1, 1, 4},  {1, 7, 40, 40, 9, 3, 3, 1, 1, 1, 40},
-      {2, 96, 5, 9, 20, 1, 3, 0, 1, 1, 2},
+      {2, 96, 5, 9, 20, 1, 3, 0, 1, 1, 2},   {2, 1, 11, 12, 7, 2, 5, 1, 2, 2, 3},
+      {1, 1, 9, 10, 20, 4, 4, 0, 1, 1, 2},   {1, 1, 12, 12, 8, 5, 5, 2, 2, 1, 4},
   };
   for (const Case& c : cases) {
     const Conv2dGeometry g = stride1_geometry(c.batch, c.cin, c.h, c.w, c.cout, c.kh, c.kw, c.pad_h,

@@ -224,13 +224,51 @@ class ImplicitConv {
         for (int64_t kh = 0; kh < kernel_h; ++kh) copy(dst + kh * row_taps, src + kh * row_step);
       }
     };
-    if (copy_bytes == 16) {  // first layers (C <= 5 for 3x3): one branch-free copy per kernel row
+    if (C == 1 && kernel_h <= 4 && kernel_h * row_taps <= 16 && row_taps <= 13) {
+      gather_one_channel(padded, row_taps, row_step, pixels);
+    } else if (copy_bytes == 16) {  // first layers (C <= 5 for 3x3): one branch-free copy per row
       gather([](uint8_t* dst, const uint8_t* src) {
         _mm_storeu_si128(reinterpret_cast<__m128i*>(dst),
                          _mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
       });
     } else {
       gather(copy_row);
+    }
+  }
+
+  // gather_patches for one input channel and patches of at most 16 bytes (a grayscale first layer,
+  // 3x3: 9 bytes), 4 pixels per step: 16-byte lane kh of `rows` holds kernel row kh from pixel v
+  // on (row_taps + 3 <= 16 bytes needed), and one byte permute puts pixel v + p's patch in lane p:
+  // one store per pixel instead of one 16-byte copy per kernel row (the Fashion-MNIST CNN's conv1
+  // was 8-11% faster in an in-process A/B).
+  void gather_one_channel(const uint8_t* padded, int64_t row_taps, int64_t row_step,
+                          int64_t pixels) {
+    const int64_t K = K_, kernel_h = g_.kernel_h;
+    alignas(64) uint8_t index[64];
+    for (int p = 0; p < 4; ++p) {
+      for (int b = 0; b < 16; ++b) {
+        const auto kh = b / row_taps, j = b % row_taps;  // bytes past the patch: don't care
+        index[p * 16 + b] = static_cast<uint8_t>(kh < kernel_h ? kh * 16 + p + j : 0);
+      }
+    }
+    const __m512i permute = _mm512_load_si512(index);
+    uint8_t* const gathered = gathered_;
+    for (int64_t v = 0; v < pixels; v += 4) {  // pixels: a multiple of 32
+      const uint8_t* src = padded + v;
+      __m512i rows = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+      for (int64_t kh = 1; kh < kernel_h; ++kh) {
+        rows = _mm512_mask_broadcast_i32x4(
+            rows, static_cast<__mmask16>(0xF << (4 * kh)),
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + kh * row_step)));
+      }
+      const __m512i patches = _mm512_permutexvar_epi8(permute, rows);
+      uint8_t* dst = gathered + v * K;
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_castsi512_si128(patches));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + K), _mm512_extracti32x4_epi32(patches, 1));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 2 * K),
+                       _mm512_extracti32x4_epi32(patches, 2));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 3 * K),
+                       _mm512_extracti32x4_epi32(patches, 3));
     }
   }
 

@@ -112,9 +112,11 @@ bool cpu_avx512_vnni() {
 }
 
 bool cpu_amx() {
-  // qgemm_amx.cpp is compiled with the AVX-512 flags and uses the AVX-512 epilogue.
-  return cpu_avx512_vnni() && __builtin_cpu_supports("amx-tile") &&
-         __builtin_cpu_supports("amx-int8") && detail::amx_enable();
+  // qgemm_amx.cpp and qconv_amx.cpp are compiled with the AVX-512 flags (and VBMI, which every
+  // AMX CPU has) and use the AVX-512 epilogue.
+  return cpu_avx512_vnni() && __builtin_cpu_supports("avx512vbmi") &&
+         __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-int8") &&
+         detail::amx_enable();
 }
 
 [[noreturn]] void invalid(const char* caller, const std::string& what) {
