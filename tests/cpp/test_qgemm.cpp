@@ -458,8 +458,10 @@ class QgemmIsa : public ::testing::TestWithParam<Isa> {
       int32_t zp, lo, hi;
     };
     const Range ranges[] = {
-        {static_cast<int32_t>(p.M * 7 + p.N) % 256, 0, 255},                      // uint8
-        {static_cast<int32_t>(p.K % 256) - 128, -128, 127},                       // int8
+        {static_cast<int32_t>(p.M * 7 + p.N) % 256, 0, 255},  // uint8
+        {static_cast<int32_t>(p.K % 256) - 128, -128, 127},   // int8
+        {-static_cast<int32_t>(p.K % 129), -128, 127},        // int8, zp <= 0 (saturating narrow)
+        {0, 0, 127},                                          // 7-bit
         {static_cast<int32_t>(p.N % 200), static_cast<int32_t>(p.N % 200), 255},  // uint8 ReLU
         {0, kI32Min, kI32Max},  // no clamp (low byte)
     };
