@@ -1182,5 +1182,26 @@ TEST(MaxPool, RejectsBadGeometry) {
   EXPECT_TRUE(plan.h_first.empty());
 }
 
+TEST(Layout, TransposeMatchesDefinition) {
+  // Full 16 x 16 blocks, ragged edges on either side, single rows / columns, and the NCHW <-> NHWC
+  // shapes of a 64-channel 56x56 image.
+  std::mt19937 rng(21);
+  const std::pair<int64_t, int64_t> shapes[] = {{16, 16},   {1, 1},    {1, 37}, {37, 1},
+                                                {17, 33},   {32, 48},  {64, 9}, {5, 3136},
+                                                {64, 3136}, {3136, 64}};
+  for (const auto& [rows, cols] : shapes) {
+    std::vector<uint8_t> src(static_cast<size_t>(rows * cols));
+    for (auto& v : src) v = static_cast<uint8_t>(rng());
+    std::vector<uint8_t> dst(src.size(), 0xEE);
+    transpose_u8(src.data(), rows, cols, dst.data());
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t c = 0; c < cols; ++c) {
+        ASSERT_EQ(dst[c * rows + r], src[r * cols + c])
+            << rows << "x" << cols << " at " << r << "," << c;
+      }
+    }
+  }
+}
+
 }  // namespace
 }  // namespace qext::kernels

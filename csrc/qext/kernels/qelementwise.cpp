@@ -6,6 +6,10 @@
 #include <cmath>
 #include <cstdlib>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 #include "qext/kernels/qconv_isa.h"
 
 namespace qext::kernels {
@@ -543,6 +547,59 @@ void max_pool2d_reference(const MaxPool2dOptions& o, int64_t batch, int64_t chan
         }
       }
     }
+  }
+}
+
+namespace {
+
+#if defined(__SSE2__)
+// The 16 x 16 block at src (row stride ld_src) transposed to dst (row stride ld_dst): four rounds
+// of unpacks at 1, 2, 4 and 8 bytes leave column c in register bit_reversed(c).
+void transpose_block16(const uint8_t* src, int64_t ld_src, uint8_t* dst, int64_t ld_dst) {
+  __m128i x[16], y[16];
+  for (int i = 0; i < 16; ++i) {
+    x[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i * ld_src));
+  }
+  for (int j = 0; j < 8; ++j) {
+    y[j] = _mm_unpacklo_epi8(x[2 * j], x[2 * j + 1]);
+    y[j + 8] = _mm_unpackhi_epi8(x[2 * j], x[2 * j + 1]);
+  }
+  for (int j = 0; j < 8; ++j) {
+    x[j] = _mm_unpacklo_epi16(y[2 * j], y[2 * j + 1]);
+    x[j + 8] = _mm_unpackhi_epi16(y[2 * j], y[2 * j + 1]);
+  }
+  for (int j = 0; j < 8; ++j) {
+    y[j] = _mm_unpacklo_epi32(x[2 * j], x[2 * j + 1]);
+    y[j + 8] = _mm_unpackhi_epi32(x[2 * j], x[2 * j + 1]);
+  }
+  for (int j = 0; j < 8; ++j) {
+    x[j] = _mm_unpacklo_epi64(y[2 * j], y[2 * j + 1]);
+    x[j + 8] = _mm_unpackhi_epi64(y[2 * j], y[2 * j + 1]);
+  }
+  constexpr int kBitReversed[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
+  for (int i = 0; i < 16; ++i) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + kBitReversed[i] * ld_dst), x[i]);
+  }
+}
+#endif
+
+}  // namespace
+
+void transpose_u8(const uint8_t* src, int64_t rows, int64_t cols, uint8_t* dst) {
+  int64_t r0 = 0;
+#if defined(__SSE2__)
+  for (; r0 + 16 <= rows; r0 += 16) {
+    int64_t c0 = 0;
+    for (; c0 + 16 <= cols; c0 += 16) {
+      transpose_block16(src + r0 * cols + c0, cols, dst + c0 * rows + r0, rows);
+    }
+    for (int64_t c = c0; c < cols; ++c) {
+      for (int64_t r = r0; r < r0 + 16; ++r) dst[c * rows + r] = src[r * cols + c];
+    }
+  }
+#endif
+  for (int64_t r = r0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) dst[c * rows + r] = src[r * cols + c];
   }
 }
 

@@ -175,4 +175,10 @@ void max_pool2d_reference(const MaxPool2dOptions& options, int64_t batch, int64_
                           int64_t in_h, int64_t in_w, int64_t out_h, int64_t out_w,
                           bool channels_last, bool is_signed, const uint8_t* x, uint8_t* y);
 
+// Layout changes of quantized activations (NCHW <-> channels-last): dst (cols x rows, row-major)
+// = the transpose of src (rows x cols, row-major), bytes. NCHW to NHWC is one call per image with
+// rows = C, cols = H * W; NHWC to NCHW the other way round. 16 x 16 blocks with SSE2 unpacks
+// (torch's own layout copy of quantized tensors moves one byte at a time).
+void transpose_u8(const uint8_t* src, int64_t rows, int64_t cols, uint8_t* dst);
+
 }  // namespace qext::kernels

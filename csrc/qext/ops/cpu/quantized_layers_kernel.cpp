@@ -78,6 +78,23 @@ void* output_at(at::Tensor& y, const Int8LayerParams& p, int64_t row, int64_t co
 }
 
 // An 8-bit copy of x's levels with the sign bit flipped (int8 levels -> uint8 levels).
+// The levels of a 4-d input in channels-last order: the input itself, or for an NCHW one a byte
+// tensor filled by transpose_u8, one image per task (torch's own channels-last copy of a quantized
+// tensor moves one byte at a time).
+at::Tensor channels_last_levels(const at::Tensor& input) {
+  if (input.is_contiguous(at::MemoryFormat::ChannelsLast)) return input;
+  if (!input.is_contiguous()) return input.contiguous(at::MemoryFormat::ChannelsLast);
+  const int64_t C = input.size(1), HW = input.size(2) * input.size(3);
+  auto out =
+      at::empty(input.sizes(), input.options().dtype(at::kByte), at::MemoryFormat::ChannelsLast);
+  const uint8_t* src = levels(input);
+  uint8_t* dst = levels(out);
+  at::parallel_for(0, input.size(0), 1, [&](int64_t b, int64_t e) {
+    for (int64_t n = b; n < e; ++n) k::transpose_u8(src + n * C * HW, C, HW, dst + n * C * HW);
+  });
+  return out;
+}
+
 at::Tensor flipped_levels(const at::Tensor& x) {
   auto out = at::empty(x.sizes(), x.options().dtype(at::kByte), x.suggest_memory_format());
   const uint8_t* src = levels(x);
@@ -183,7 +200,7 @@ at::Tensor quantized_linear_cpu(const at::Tensor& input, const at::Tensor& packe
 // Depthwise convolution: a direct kernel over channels-last rows.
 void depthwise_cpu(const at::Tensor& input, const k::Conv2dGeometry& g, const int8_t* w_hwc,
                    const Int8LayerParams& p, const int32_t* sums, at::Tensor& y) {
-  auto x = input.contiguous(at::MemoryFormat::ChannelsLast);
+  auto x = channels_last_levels(input);
   if (p.input.flip) x = flipped_levels(x);
   const uint8_t* x_p = levels(x);
   uint8_t* y_p = levels(y);
@@ -204,7 +221,7 @@ void depthwise_cpu(const at::Tensor& input, const k::Conv2dGeometry& g, const in
 // each about kTargetPixels GEMM rows (virtual pixels) so that its padded input rows stay in L2.
 void implicit_conv_cpu(const at::Tensor& input, const k::Conv2dGeometry& g, const int8_t* packed,
                        const Int8LayerParams& p, const int32_t* sums, at::Tensor& y) {
-  const auto x = input.contiguous(at::MemoryFormat::ChannelsLast);
+  const auto x = channels_last_levels(input);
   const uint8_t* x_p = levels(x);
   // The weight layout of the implicit kernel (kernel rows padded to 64 bytes), unless it is the
   // packed one.
@@ -279,7 +296,7 @@ at::Tensor quantized_conv2d_cpu(const at::Tensor& input, const at::Tensor& packe
   }
   // im2col copies runs of channels from a channels-last input (an NCHW one would be gathered byte
   // by byte: one layout copy first is much cheaper).
-  const auto x = input.contiguous(at::MemoryFormat::ChannelsLast);
+  const auto x = channels_last_levels(input);
   // A 1x1, stride-1, unpadded convolution of a channels-last uint8 input is a GEMM on the input.
   const bool direct = groups == 1 && g.kernel_h == 1 && g.kernel_w == 1 && g.stride_h == 1 &&
                       g.stride_w == 1 && g.pad_h == 0 && g.pad_w == 0 && p.input.flip == 0;
