@@ -554,6 +554,7 @@ def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
     int32 zero points, the output scale / zero point of every quantized output; ``QuantStub`` ->
     ``Quantize``, ``DeQuantStub`` -> ``DeQuantize``, ``QAdd`` -> quantized add, QAT average pools -> integer
     average pools, ``nn.MaxPool2d`` (without ``return_indices``) -> the integer max pool (torch's on float
+    inputs), ``nn.Flatten`` -> :class:`qext.nn.quantized.Flatten` (a block transpose of channels-last quantized
     inputs). Modules left in float stay float. The result is in eval mode and agrees with the QAT model in
     eval mode (fake quant, observers as they are) to within one output step per element.
 
@@ -580,6 +581,8 @@ def _convert_children(mod: nn.Module, prefix: str) -> None:
             # No state and no quantizer: the integer pool runs on quantized inputs, torch's on float ones,
             # so it is swapped inside and outside the quantized parts alike.
             setattr(mod, name, nnq.MaxPool2d.from_float(child))
+        elif type(child) is nn.Flatten:
+            setattr(mod, name, nnq.Flatten.from_float(child))
         elif not isinstance(child, nnq.QUANTIZED_MODULES):
             _convert_children(child, full + ".")
 

@@ -378,6 +378,18 @@ def test_max_pool_bad_input_names_argument(case):
         torch.ops.qext.quantized_max_pool2d(*args, False)
 
 
+@pytest.mark.parametrize("value", [torch.rand(1, 2, 4, 4), torch.zeros(1, 2, 4, 4, dtype=torch.uint8)],
+                         ids=["float", "uint8"])
+def test_quantized_flatten_rejects_unquantized_input(value):
+    with pytest.raises(RuntimeError, match=r"qext\.quantized_flatten: input must be a quantized tensor, got a"):
+        torch.ops.qext.quantized_flatten(value, 1, -1)
+
+
+def test_quantized_flatten_bad_dims_name_the_value():
+    with pytest.raises(IndexError, match=r"Dimension out of range .* got 4"):
+        torch.ops.qext.quantized_flatten(_qx().contiguous(memory_format=torch.channels_last), 4, -1)
+
+
 def test_max_pool_module_bad_arguments():
     from qext.nn import quantized as nnq
 

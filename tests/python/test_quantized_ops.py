@@ -382,6 +382,39 @@ def test_max_pool_strided_input_and_module():
     assert (back.kernel_size, back.stride, back.padding, back.dilation, back.ceil_mode) == (3, 2, 1, 2, True)
 
 
+@pytest.mark.parametrize("dtype", [torch.quint8, torch.qint8])
+def test_quantized_flatten_matches_torch(dtype):
+    """quantized_flatten against torch.flatten (whose copy of a channels-last quantized tensor moves one byte at
+    a time: an independent implementation): channels-last inputs with whole and ragged 16 x 16 transpose blocks
+    and below 16, every dimension range (those torch views stay views), a sliced view, NCHW, per-channel and
+    qint32 inputs; qext.nn.quantized.Flatten against nn.Flatten, traced, scripted and on float input."""
+    from qext.nn import quantized as nnq
+
+    gen = torch.Generator().manual_seed(5)
+    for shape in [(2, 64, 5, 5), (3, 7, 5, 6), (1, 32, 4, 4), (2, 17, 9, 3), (2, 40, 7, 7), (0, 8, 2, 2)]:
+        x = max_pool_input(shape, dtype, True, gen)
+        for start, end in [(1, -1), (0, -1), (0, 1), (1, 2), (2, 3), (1, 1), (-3, -2)]:
+            assert_same_qtensor(ops.quantized_flatten(x, start, end), torch.flatten(x, start, end))
+    view = max_pool_input((2, 12, 9, 10), dtype, True, gen)[:, 2:9, :, 1:]
+    assert_same_qtensor(ops.quantized_flatten(view, 1, -1), torch.flatten(view, 1))
+    nchw = max_pool_input((2, 5, 3, 3), dtype, False, gen)
+    assert_same_qtensor(ops.quantized_flatten(nchw, 1, -1), torch.flatten(nchw, 1))
+    per_channel = torch.quantize_per_channel(torch.randn(2, 3, 4, 5), torch.full((3,), 0.1, dtype=torch.double),
+                                             torch.zeros(3, dtype=torch.long), 1, dtype)
+    qint32 = torch.quantize_per_tensor(torch.randn(2, 3, 4, 5), 0.1, 0, torch.qint32)
+    for other in [per_channel, qint32]:  # not transposed: torch's flatten
+        other = other.contiguous(memory_format=torch.channels_last)
+        y, ref = ops.quantized_flatten(other, 1, -1), torch.flatten(other, 1)
+        assert y.qscheme() == ref.qscheme() and y.stride() == ref.stride() and torch.equal(y.int_repr(), ref.int_repr())
+    flatten, reference = nnq.Flatten.from_float(torch.nn.Flatten(1, 2)), torch.nn.Flatten(1, 2)
+    x = max_pool_input((3, 16, 5, 5), dtype, True, gen)
+    assert_same_qtensor(flatten(x), reference(x))
+    assert "qext::quantized_flatten" in str(torch.jit.trace(flatten, x).graph)
+    assert_same_qtensor(torch.jit.script(flatten)(x), reference(x))
+    xf = torch.randn(2, 3, 4, 5)
+    assert torch.equal(flatten(xf), reference(xf))
+
+
 # ------------------------------------------------------------------------------------------ bad input
 
 

@@ -333,27 +333,33 @@ def test_converted_layers_agree_with_their_qat_layers_within_one_step():
     assert differing <= 0.001 * sum(out.numel() for _, out in seen.values()) * 4
 
 
-def test_convert_swaps_max_pools_and_the_output_is_unchanged():
+def test_convert_swaps_max_pools_and_flatten_and_the_output_is_unchanged():
     """convert() puts the integer max pool in place of torch's, inside the quantized part (quantized input) and
-    outside it (float input, torch's pool runs): the model's output is what it was with torch's pools."""
+    outside it (float input, torch's pool runs), and qext's Flatten in place of torch's: the model's output is
+    what it was with torch's modules."""
     qat = _trained_qat().eval()
     enable_observer(qat, False)
     model = nn.Sequential(nn.MaxPool2d(3, stride=1, padding=1, ceil_mode=True), qat)  # the first pool sees floats
     integer = convert(model)
-    outer, inner = integer[0], integer[1].pool
-    assert type(outer) is nnq.MaxPool2d and type(inner) is nnq.MaxPool2d
+    outer, inner, flatten = integer[0], integer[1].pool, integer[1].head[0]
+    assert type(outer) is nnq.MaxPool2d and type(inner) is nnq.MaxPool2d and type(flatten) is nnq.Flatten
     assert (outer.kernel_size, outer.stride, outer.padding, outer.dilation, outer.ceil_mode) == (3, 1, 1, 1, True)
-    with_torch_pools = copy.deepcopy(integer)
-    with_torch_pools[0] = nn.MaxPool2d(3, stride=1, padding=1, ceil_mode=True)
-    with_torch_pools[1].pool = nn.MaxPool2d(2)
-    seen = []
+    with_torch_modules = copy.deepcopy(integer)
+    with_torch_modules[0] = nn.MaxPool2d(3, stride=1, padding=1, ceil_mode=True)
+    with_torch_modules[1].pool = nn.MaxPool2d(2)
+    with_torch_modules[1].head[0] = nn.Flatten()
+    seen, flattened = [], []
     inner.register_forward_hook(lambda mod, args, out: seen.append((args[0], out)))
+    flatten.register_forward_hook(lambda mod, args, out: flattened.append(args[0]))
     for x in _inputs(3, batch=16, seed=21):
-        assert torch.equal(integer(x), with_torch_pools(x))
-    # not vacuous: the inner pool got (and gave) channels-last quint8 tensors, the converted conv's output
-    assert len(seen) == 3
+        assert torch.equal(integer(x), with_torch_modules(x))
+    # not vacuous: the inner pool got (and gave) channels-last quint8 tensors, the converted conv's output,
+    # and so did the Flatten (the conv after the pool)
+    assert len(seen) == 3 and len(flattened) == 3
     for x, y in seen:
         assert x.dtype == y.dtype == torch.quint8 and x.is_contiguous(memory_format=torch.channels_last)
+    for x in flattened:
+        assert x.dtype == torch.quint8 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
     # a pool that returns indices has no integer form and stays torch's
     assert type(convert(nn.Sequential(nn.MaxPool2d(2, return_indices=True)))[0]) is nn.MaxPool2d
 

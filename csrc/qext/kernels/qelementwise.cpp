@@ -586,19 +586,21 @@ void transpose_block16(const uint8_t* src, int64_t ld_src, uint8_t* dst, int64_t
 }  // namespace
 
 void transpose_u8(const uint8_t* src, int64_t rows, int64_t cols, uint8_t* dst) {
-  int64_t r0 = 0;
 #if defined(__SSE2__)
-  for (; r0 + 16 <= rows; r0 += 16) {
-    int64_t c0 = 0;
-    for (; c0 + 16 <= cols; c0 += 16) {
-      transpose_block16(src + r0 * cols + c0, cols, dst + c0 * rows + r0, rows);
+  if (rows >= 16 && cols >= 16) {
+    // Whole blocks only: the last block of a ragged row or column overlaps the one before it (and
+    // writes the same bytes twice).
+    for (int64_t r = 0; r < rows; r += 16) {
+      const int64_t r0 = std::min(r, rows - 16);
+      for (int64_t c = 0; c < cols; c += 16) {
+        const int64_t c0 = std::min(c, cols - 16);
+        transpose_block16(src + r0 * cols + c0, cols, dst + c0 * rows + r0, rows);
+      }
     }
-    for (int64_t c = c0; c < cols; ++c) {
-      for (int64_t r = r0; r < r0 + 16; ++r) dst[c * rows + r] = src[r * cols + c];
-    }
+    return;
   }
 #endif
-  for (int64_t r = r0; r < rows; ++r) {
+  for (int64_t r = 0; r < rows; ++r) {
     for (int64_t c = 0; c < cols; ++c) dst[c * rows + r] = src[r * cols + c];
   }
 }

@@ -177,8 +177,9 @@ void max_pool2d_reference(const MaxPool2dOptions& options, int64_t batch, int64_
 
 // Layout changes of quantized activations (NCHW <-> channels-last): dst (cols x rows, row-major)
 // = the transpose of src (rows x cols, row-major), bytes. NCHW to NHWC is one call per image with
-// rows = C, cols = H * W; NHWC to NCHW the other way round. 16 x 16 blocks with SSE2 unpacks
-// (torch's own layout copy of quantized tensors moves one byte at a time).
+// rows = C, cols = H * W; NHWC to NCHW the other way round. 16 x 16 blocks with SSE2 unpacks when
+// both sides have 16 or more (torch's own layout copy of quantized tensors moves one byte at a
+// time); a plain loop otherwise.
 void transpose_u8(const uint8_t* src, int64_t rows, int64_t cols, uint8_t* dst);
 
 }  // namespace qext::kernels

@@ -76,6 +76,11 @@ at::Tensor quantized_max_pool2d(const at::Tensor& input, at::IntArrayRef kernel_
   return op.call(input, kernel_size, stride, padding, dilation, ceil_mode);
 }
 
+at::Tensor quantized_flatten(const at::Tensor& input, int64_t start_dim, int64_t end_dim) {
+  static auto op = typed_op<decltype(quantized_flatten)>("qext::quantized_flatten");
+  return op.call(input, start_dim, end_dim);
+}
+
 void set_int8_isa(const std::string& name) { detail::set_int8_isa(name); }
 
 std::string int8_isa() { return detail::int8_isa_name(); }
@@ -113,6 +118,7 @@ TORCH_LIBRARY_FRAGMENT(qext, m) {
   m.def(
       "quantized_max_pool2d(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, "
       "int[2] dilation, bool ceil_mode) -> Tensor");
+  m.def("quantized_flatten(Tensor input, int start_dim=0, int end_dim=-1) -> Tensor");
 }
 
 }  // namespace qext::ops

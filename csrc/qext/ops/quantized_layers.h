@@ -68,6 +68,12 @@ at::Tensor quantized_max_pool2d(const at::Tensor& input, at::IntArrayRef kernel_
                                 at::IntArrayRef stride, at::IntArrayRef padding,
                                 at::IntArrayRef dilation, bool ceil_mode);
 
+// torch.flatten of a quantized tensor, the same values, qparams and strides. When the dimensions
+// cannot be merged in place (torch copies), a 4-d channels-last 8-bit per-tensor input (what the
+// converted convolutions write) is first reordered to NCHW by a block transpose: torch's copy
+// moves such tensors one byte at a time. qext.nn.quantized.Flatten runs it.
+at::Tensor quantized_flatten(const at::Tensor& input, int64_t start_dim, int64_t end_dim);
+
 // Which CPU kernels the integer layers use: "auto" (the fastest this CPU runs; AMX from 8 rows) or
 // one of supported_int8_isas() ("scalar", "avx2", "avx512_vnni", "amx"), for tests and benchmarks.
 void set_int8_isa(const std::string& name);

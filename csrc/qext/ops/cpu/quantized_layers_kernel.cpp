@@ -505,6 +505,41 @@ at::Tensor quantized_max_pool2d_cpu(const at::Tensor& input, at::IntArrayRef ker
   return y;
 }
 
+// Whether dimensions [start, end] of t merge into one without a copy: each non-trivial one's
+// stride is the next one's stride times its size.
+bool mergeable(const at::Tensor& t, int64_t start, int64_t end) {
+  int64_t inner_stride = -1, inner_size = 1;
+  for (int64_t d = end; d >= start; --d) {
+    if (t.size(d) == 1) continue;
+    if (inner_stride >= 0 && t.stride(d) != inner_stride * inner_size) return false;
+    inner_stride = t.stride(d), inner_size = t.size(d);
+  }
+  return true;
+}
+
+at::Tensor quantized_flatten_cpu(const at::Tensor& input, int64_t start_dim, int64_t end_dim) {
+  TORCH_CHECK(input.is_quantized(),
+              "qext.quantized_flatten: input must be a quantized tensor, got a ",
+              input.scalar_type(), " tensor");
+  if (input.dim() == 0) return input.flatten(start_dim, end_dim);
+  const int64_t start = at::maybe_wrap_dim(start_dim, input.dim());
+  const int64_t end = at::maybe_wrap_dim(end_dim, input.dim());
+  const auto dtype = input.scalar_type();
+  if (start > end || input.dim() != 4 || input.numel() == 0 || mergeable(input, start, end) ||
+      !input.is_contiguous(at::MemoryFormat::ChannelsLast) ||
+      input.qscheme() != at::kPerTensorAffine || (dtype != at::kQUInt8 && dtype != at::kQInt8)) {
+    return input.flatten(start_dim, end_dim);
+  }
+  auto y = at::empty_like(input, at::MemoryFormat::Contiguous);  // shares the input's quantizer
+  const int64_t C = input.size(1), HW = input.size(2) * input.size(3);
+  const uint8_t* src = levels(input);
+  uint8_t* dst = levels(y);
+  at::parallel_for(0, input.size(0), 1, [&](int64_t b, int64_t e) {
+    for (int64_t n = b; n < e; ++n) k::transpose_u8(src + n * C * HW, HW, C, dst + n * C * HW);
+  });
+  return y.flatten(start, end);
+}
+
 // The layer ops dispatch on their quantized input (QuantizedCPU); registered at CPU too so that a
 // float (or integer) tensor given by mistake gets the op's own message rather than the
 // dispatcher's.
@@ -515,6 +550,7 @@ void register_layers(torch::Library& m) {
   m.impl("quantized_avg_pool2d", quantized_avg_pool2d_cpu);
   m.impl("quantized_adaptive_avg_pool2d", quantized_adaptive_avg_pool2d_cpu);
   m.impl("quantized_max_pool2d", quantized_max_pool2d_cpu);
+  m.impl("quantized_flatten", quantized_flatten_cpu);
 }
 
 TORCH_LIBRARY_IMPL(qext, QuantizedCPU, m) { register_layers(m); }

@@ -4,7 +4,8 @@ Weights are stored as integers (``weight``: int8 for ranges of at most 8 bits, i
 scales and int32 zero points, per output channel or per tensor. Between modules, activations travel as
 PyTorch per-tensor affine quantized tensors (``torch.quint8`` / ``torch.qint8`` / ``torch.qint32``), so the
 float model's parameter-free modules (``Flatten``, ``ReLU``, ``Dropout`` in eval, ...) keep working on them
-unchanged; ``MaxPool2d`` becomes the integer :class:`MaxPool2d`.
+unchanged; ``MaxPool2d`` becomes the integer :class:`MaxPool2d`, ``Flatten`` the :class:`Flatten` that reorders
+channels-last activations with a block transpose.
 
 ``Linear`` / ``Conv2d`` compute as Jacob et al. (2018):
 
@@ -258,6 +259,22 @@ class MaxPool2d(nn.MaxPool2d):
                 _int_pair(self.dilation), self.ceil_mode
             )
         return F.max_pool2d(x, self.kernel_size, self.stride, self.padding, self.dilation, ceil_mode=self.ceil_mode)
+
+
+class Flatten(nn.Flatten):
+    """Converted ``Flatten`` (``qext.convert`` swaps torch's in): ``torch.flatten``, by
+    ``torch.ops.qext.quantized_flatten`` on 8-bit quantized CPU inputs. Flattening the channels-last tensors the
+    converted convolutions write needs them in NCHW order: torch reorders a quantized tensor one byte at a time,
+    the op with a block transpose. Same levels, qparams, shape and strides as ``nn.Flatten``; stateless."""
+
+    @classmethod
+    def from_float(cls, mod: nn.Flatten) -> "Flatten":
+        return cls(mod.start_dim, mod.end_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _is_8bit(x) and x.is_cpu:
+            return torch.ops.qext.quantized_flatten(x, self.start_dim, self.end_dim)
+        return torch.flatten(x, self.start_dim, self.end_dim)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -596,4 +613,4 @@ class DynamicLinear(nn.Module):
 
 
 QUANTIZED_MODULES = (Quantize, DeQuantize, QAdd, Linear, Conv2d, DynamicLinear, AvgPool2d, AdaptiveAvgPool2d,
-                     MaxPool2d)
+                     MaxPool2d, Flatten)
