@@ -26,8 +26,8 @@ using namespace amx;  // NOLINT(google-build-using-namespace): the shared tile h
 
 // How the A tiles find the rows of virtual pixels (one row per pixel, `stride` bytes apart).
 enum class Rows {
-  kInPlace,  // straight from the padded input (stride C). With C % 64 != 0 many rows straddle
-             // cache lines; copying them to aligned slots was measured slower than those loads.
+  kInPlace,  // straight from the padded rows, in x itself or the copy (stride C). With C % 64 != 0
+             // many rows straddle cache lines; aligned copies of them were measured slower.
   kPatches,  // each pixel's whole (kh, kw, c) patch gathered (stride packed_k(group_k)): at most
              // half the k blocks of padded kernel rows (small kernel_w * C)
 };
@@ -38,7 +38,7 @@ struct PieceLayout {
   int64_t blocks;      // 32-pixel blocks covering them
   int64_t in_rows;     // padded input rows the piece reads
   int64_t data_bytes;  // bytes of those rows
-  int64_t padded_bytes;  // bytes read from the padded input (zeroed past the data)
+  int64_t padded_bytes;  // bytes read from the padded rows (a copy is zeroed past the data)
   int64_t gathered_bytes;
 
   PieceLayout(const Conv2dGeometry& g, Rows mode, int64_t K, int64_t out_rows) {
