@@ -77,24 +77,30 @@ void* output_at(at::Tensor& y, const Int8LayerParams& p, int64_t row, int64_t co
   return static_cast<char*>(y.data_ptr()) + (row * ld + col) * elem;
 }
 
-// An 8-bit copy of x's levels with the sign bit flipped (int8 levels -> uint8 levels).
-// The levels of a 4-d input in channels-last order: the input itself, or for an NCHW one a byte
-// tensor filled by transpose_u8, one image per task (torch's own channels-last copy of a quantized
-// tensor moves one byte at a time).
+// The bytes of a 4-d tensor from one memory format to the other (torch's own layout copy of a
+// quantized tensor moves one byte at a time): each of x's images is a rows x cols byte matrix
+// (NCHW: C x H*W; channels-last: H*W x C), transposed into out's, one image per task.
+void transpose_images(const at::Tensor& x, int64_t rows, int64_t cols, at::Tensor& out) {
+  const uint8_t* src = levels(x);
+  uint8_t* dst = levels(out);
+  const int64_t image = rows * cols;
+  at::parallel_for(0, x.size(0), 1, [&](int64_t b, int64_t e) {
+    for (int64_t n = b; n < e; ++n) k::transpose_u8(src + n * image, rows, cols, dst + n * image);
+  });
+}
+
+// The levels of a 4-d input in channels-last order: the input itself, or for an NCHW one a
+// transposed byte copy.
 at::Tensor channels_last_levels(const at::Tensor& input) {
   if (input.is_contiguous(at::MemoryFormat::ChannelsLast)) return input;
   if (!input.is_contiguous()) return input.contiguous(at::MemoryFormat::ChannelsLast);
-  const int64_t C = input.size(1), HW = input.size(2) * input.size(3);
   auto out =
       at::empty(input.sizes(), input.options().dtype(at::kByte), at::MemoryFormat::ChannelsLast);
-  const uint8_t* src = levels(input);
-  uint8_t* dst = levels(out);
-  at::parallel_for(0, input.size(0), 1, [&](int64_t b, int64_t e) {
-    for (int64_t n = b; n < e; ++n) k::transpose_u8(src + n * C * HW, C, HW, dst + n * C * HW);
-  });
+  transpose_images(input, input.size(1), input.size(2) * input.size(3), out);
   return out;
 }
 
+// An 8-bit copy of x's levels with the sign bit flipped (int8 levels -> uint8 levels).
 at::Tensor flipped_levels(const at::Tensor& x) {
   auto out = at::empty(x.sizes(), x.options().dtype(at::kByte), x.suggest_memory_format());
   const uint8_t* src = levels(x);
@@ -531,12 +537,7 @@ at::Tensor quantized_flatten_cpu(const at::Tensor& input, int64_t start_dim, int
     return input.flatten(start_dim, end_dim);
   }
   auto y = at::empty_like(input, at::MemoryFormat::Contiguous);  // shares the input's quantizer
-  const int64_t C = input.size(1), HW = input.size(2) * input.size(3);
-  const uint8_t* src = levels(input);
-  uint8_t* dst = levels(y);
-  at::parallel_for(0, input.size(0), 1, [&](int64_t b, int64_t e) {
-    for (int64_t n = b; n < e; ++n) k::transpose_u8(src + n * C * HW, HW, C, dst + n * C * HW);
-  });
+  transpose_images(input, input.size(2) * input.size(3), input.size(1), y);
   return y.flatten(start, end);
 }
 
