@@ -8,6 +8,7 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <memory>
@@ -61,6 +62,31 @@ inline uint8_t* work_buffer(size_t bytes) {
   }
   return buffer.data.get();
 }
+
+// Software prefetch of rows [row, end) (K bytes each, lda apart) into L1, spread over `steps` calls
+// of step(): the rows the next tile work reads are brought in while the tile unit computes (the
+// GEMM's next A panel read in place, the convolution's next piece of input rows).
+class RowPrefetcher {
+ public:
+  RowPrefetcher(const uint8_t* a, int64_t lda, int64_t K) : a_(a), lda_(lda), K_(K) {}
+  void start(int64_t row, int64_t end, int64_t steps) {
+    row_ = row, end_ = end, offset_ = 0;
+    const int64_t lines = std::max<int64_t>(end - row, 0) * ((K_ + 63) / 64);
+    per_step_ = steps > 0 ? (lines + steps - 1) / steps : 0;
+  }
+  void step() {
+    for (int64_t n = 0; n < per_step_ && row_ < end_; ++n) {
+      _mm_prefetch(reinterpret_cast<const char*>(a_ + row_ * lda_ + offset_), _MM_HINT_T0);
+      offset_ += kTileRowBytes;
+      if (offset_ >= K_) offset_ = 0, ++row_;
+    }
+  }
+  void stop() { per_step_ = 0; }
+
+ private:
+  const uint8_t* a_;
+  int64_t lda_, K_, row_ = 0, end_ = 0, offset_ = 0, per_step_ = 0;
+};
 
 // Tiles 0..3 = a 32-row panel of A x two 16-column blocks of the packed weight (b0 and
 // b0 + b_block_bytes), raw int32 sums: tile 0 rows 0..15 x columns 0..15, tile 1 columns 16..31,

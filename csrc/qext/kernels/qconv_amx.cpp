@@ -7,12 +7,14 @@
 // each virtual pixel's whole patch: see Rows), then for each stripe (kept in L1) run the 32-row
 // blocks of virtual pixels through the tile unit (amx_tiles.h), each block's sums stored to one of
 // two scratch blocks; the AVX-512 epilogue (epilogue_avx512.h) of a block runs in slices between
-// the next block's tile instructions, and writes only the pixels with ow < out_w.
+// the next block's tile instructions, and writes only the pixels with ow < out_w. Between the
+// tile instructions the next piece's input rows are prefetched too.
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include "qext/kernels/amx_tiles.h"
@@ -74,7 +76,8 @@ class ImplicitConv {
         kblocks_(K_ / kTileRowBytes),
         mode_(conv_implicit_gathers_patches(g) ? Rows::kPatches : Rows::kInPlace),
         stride_(mode_ == Rows::kInPlace ? g.in_channels : K_),
-        largest_(g, mode_, K_, piece_rows) {
+        largest_(g, mode_, K_, piece_rows),
+        next_input_(x, g.in_w * g.in_channels, g.in_w * g.in_channels) {
     const int64_t OC = g.out_channels;
     for (int64_t n0 = 0; n0 < OC; n0 += kBlockN) {
       panels_.emplace_back(ep, n0, OC, OC - n0 > kPackN ? 2 : 1, y + n0, OC);
@@ -100,8 +103,12 @@ class ImplicitConv {
   ImplicitConv(const ImplicitConv&) = delete;
   ImplicitConv& operator=(const ImplicitConv&) = delete;
 
-  // Output rows [oh0, oh1) of image n (at most piece_rows of them).
-  void run_piece(int64_t n, int64_t oh0, int64_t oh1) {
+  // Output rows [oh0, oh1) of image n (at most piece_rows of them); rows [prefetch_begin,
+  // prefetch_end) of x (n * in_h + ih) are prefetched meanwhile, for the next piece: its copy or
+  // its tile loads then find them in cache (in-process A/B on 8 x 64 x 56 x 56 -> 64, 3x3: 7-9%
+  // faster).
+  void run_piece(int64_t n, int64_t oh0, int64_t oh1, int64_t prefetch_begin,
+                 int64_t prefetch_end) {
     const PieceLayout piece(g_, mode_, K_, oh1 - oh0);
     const uint8_t* const padded = padded_rows(n, oh0, piece);
     if (mode_ == Rows::kPatches) gather_patches(padded, piece);
@@ -133,6 +140,8 @@ class ImplicitConv {
     // Rows of the previous block's epilogue done per k block: interleaved with the tile
     // instructions in program order, so that the core's work overlaps the tile unit's.
     const int64_t rows_per_step = (kBlockM + kblocks - 1) / kblocks;
+    next_input_.start(prefetch_begin, prefetch_end,
+                      piece.blocks * kblocks * static_cast<int64_t>(panels_.size()));
     for (size_t stripe = 0; stripe < panels_.size(); ++stripe) {
       const int64_t n0 = static_cast<int64_t>(stripe) * kBlockN;
       const bool two_cols = g_.out_channels - n0 > kPackN;
@@ -149,6 +158,7 @@ class ImplicitConv {
             two_rows, two_cols, a + v0 * stride, stride, kTileRows * stride,
             [koff](int64_t kb) { return koff[kb]; }, b0, b_block_bytes, kblocks,
             [&] {
+              next_input_.step();
               if (done >= v0) return;
               const int64_t to = std::min(v0, done + rows_per_step);
               finish(panel, nb, prev, prev_v0, done, to);
@@ -282,7 +292,8 @@ class ImplicitConv {
   PieceLayout largest_;
   std::vector<Panel> panels_;  // one per 32-column stripe
   std::vector<int64_t> k_offsets_;
-  int32_t* scratch_[2];  // the int32 sums of two blocks
+  RowPrefetcher next_input_;  // rows of x, in_w * C bytes each
+  int32_t* scratch_[2];       // the int32 sums of two blocks
   uint8_t* gathered_;
   uint8_t* xp_;  // the padded input rows
 };
@@ -293,11 +304,30 @@ void conv2d_implicit_impl(const uint8_t* x, const Conv2dGeometry& g, const int8_
                           int64_t piece_rows, uint8_t pad_value, uint8_t flip, Out* y) {
   piece_rows = std::min(piece_rows, g.out_h);
   ImplicitConv<Panel, Epilogue, Out> conv(x, g, weight, ep, piece_rows, pad_value, flip, y);
-  for (int64_t r = row_begin; r < row_end;) {
+  struct Piece {
+    int64_t n, oh0, oh1;
+  };
+  auto piece_at = [&](int64_t r) {
     const int64_t n = r / g.out_h, oh0 = r % g.out_h;
-    const int64_t oh1 = std::min({g.out_h, oh0 + piece_rows, oh0 + (row_end - r)});
-    conv.run_piece(n, oh0, oh1);
-    r += oh1 - oh0;
+    return Piece{n, oh0, std::min({g.out_h, oh0 + piece_rows, oh0 + (row_end - r)})};
+  };
+  // Rows of x (n * in_h + ih) that a piece reads, [first, second).
+  const int64_t halo = (g.kernel_h - 1) * g.dilation_h;
+  auto input_rows = [&](const Piece& p) {
+    const int64_t lo = std::clamp<int64_t>(p.oh0 - g.pad_h, 0, g.in_h);
+    const int64_t hi = std::clamp<int64_t>(p.oh1 + halo - g.pad_h, lo, g.in_h);
+    return std::pair<int64_t, int64_t>{p.n * g.in_h + lo, p.n * g.in_h + hi};
+  };
+  for (int64_t r = row_begin; r < row_end;) {
+    const Piece piece = piece_at(r);
+    r += piece.oh1 - piece.oh0;
+    // The next piece's input rows that this one does not read are prefetched during its tile work.
+    std::pair<int64_t, int64_t> next{0, 0};
+    if (r < row_end) {
+      next = input_rows(piece_at(r));
+      next.first = std::max(next.first, input_rows(piece).second);
+    }
+    conv.run_piece(piece.n, piece.oh0, piece.oh1, next.first, next.second);
   }
 }
 

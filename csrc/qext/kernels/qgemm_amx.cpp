@@ -87,29 +87,6 @@ struct PanelA {
   int64_t stride, kstep, tile1;
 };
 
-// Software prefetch of A's rows [row, end) into L1, `per_step` lines per call of step().
-class RowPrefetcher {
- public:
-  RowPrefetcher(const uint8_t* a, int64_t lda, int64_t K) : a_(a), lda_(lda), K_(K) {}
-  void start(int64_t row, int64_t end, int64_t steps) {
-    row_ = row, end_ = end, offset_ = 0;
-    const int64_t lines = std::max<int64_t>(end - row, 0) * ((K_ + 63) / 64);
-    per_step_ = steps > 0 ? (lines + steps - 1) / steps : 0;
-  }
-  void step() {
-    for (int64_t n = 0; n < per_step_ && row_ < end_; ++n) {
-      _mm_prefetch(reinterpret_cast<const char*>(a_ + row_ * lda_ + offset_), _MM_HINT_T0);
-      offset_ += kTileRowBytes;
-      if (offset_ >= K_) offset_ = 0, ++row_;
-    }
-  }
-  void stop() { per_step_ = 0; }
-
- private:
-  const uint8_t* a_;
-  int64_t lda_, K_, row_ = 0, end_ = 0, offset_ = 0, per_step_ = 0;
-};
-
 // Packed A per chunk (bytes): a chunk of 32-row panels fills about this much of L2.
 constexpr int64_t kChunkBytes = int64_t{512} << 10;
 constexpr int64_t kMaxChunkPanels = 8;
