@@ -542,6 +542,30 @@ TEST_P(QgemmIsa, ExponentsAndBiasSweep) {
   }
 }
 
+TEST_P(QgemmIsa, TypicalExponentsBitIdentical) {
+  // Exponents in [-21, -1], the range where the AVX-512 epilogue stores two column blocks together
+  // (PairPath in epilogue_avx512.h), and its edges: a panel with one exponent just outside (0 or
+  // -22) falls back to block-by-block stores. Tiny and huge multipliers and extreme levels push
+  // the requantized values past the int16 / byte saturation of the packs.
+  std::mt19937 rng(2024);
+  std::uniform_int_distribution<int32_t> expo(-21, -1);
+  int case_index = 0;
+  for (int64_t N : {32, 33, 47, 64, 96, 130}) {
+    for (int64_t M : {1, 2, 3, 8, 17, 33}) {
+      const Fill fill = case_index % 3 == 0 ? Fill::kMax : Fill::kRandom;
+      Problem p = make_problem(M, N, case_index % 2 ? 300 : 64, rng, fill, fill);
+      for (int64_t n = 0; n < N; ++n) {
+        p.mult[n].exponent = n % 7 == 0 ? -21 : n % 7 == 1 ? -1 : expo(rng);
+        if (n % 5 == 0) p.mult[n].multiplier = n % 2 ? kI32Max : 1 << 30;
+      }
+      if (case_index % 4 == 3) p.mult[N - 1].exponent = N % 2 ? 0 : -22;  // last panel: fallback
+      check(p, "typical exponents");
+      if (HasFatalFailure()) return;
+      ++case_index;
+    }
+  }
+}
+
 TEST_P(QgemmIsa, FloatEpilogueSpecialScales) {
   // -0.0 (a zero sum times a negative scale), NaN and infinite scales: ReLU must give +0.0 exactly
   // like the reference, the rest bit-identical.
@@ -686,6 +710,14 @@ INSTANTIATE_TEST_SUITE_P(AllIsas, QgemmIsa,
 // The AVX-512 epilogue on raw sums (shared with the AMX path)
 // ------------------------------------------------------------------------------------------------
 
+// A raw product sum of column n plus the epilogue's correction, modulo 2^32 (qgemm.h).
+int32_t corrected_sum(const Problem& p, int32_t acc, int64_t n) {
+  const uint32_t corr =
+      (p.with_bias ? static_cast<uint32_t>(p.bias[n]) : 0u) -
+      static_cast<uint32_t>(p.a_zero_point) * static_cast<uint32_t>(p.row_sums[n]);
+  return static_cast<int32_t>(static_cast<uint32_t>(acc) + corr);
+}
+
 TEST(QgemmEpilogueAvx512, MatchesReferenceOnRawSums) {
   if (!isa_supported(Isa::kAvx512Vnni)) GTEST_SKIP() << "no AVX-512 VNNI";
   std::mt19937 rng(17);
@@ -703,15 +735,57 @@ TEST(QgemmEpilogueAvx512, MatchesReferenceOnRawSums) {
     detail::epilogue_block_avx512(acc.data(), ld, M, N, fep, f.data(), N);
     for (int64_t m = 0; m < M; ++m) {
       for (int64_t n = 0; n < N; ++n) {
-        const uint32_t corr =
-            (p.with_bias ? static_cast<uint32_t>(p.bias[n]) : 0u) -
-            static_cast<uint32_t>(p.a_zero_point) * static_cast<uint32_t>(p.row_sums[n]);
-        const int32_t x = static_cast<int32_t>(static_cast<uint32_t>(acc[m * ld + n]) + corr);
+        const int32_t x = corrected_sum(p, acc[m * ld + n], n);
         ASSERT_EQ(static_cast<int8_t>(c[m * N + n]), requantize_model(x, p.mult[n], -3, -128, 127))
             << "N=" << N << " m=" << m << " n=" << n;
         float want = static_cast<float>(x) * p.scale[n];
         want = want > 0.0f ? want : 0.0f;
         ASSERT_EQ(std::memcmp(&f[m * N + n], &want, 4), 0) << "N=" << N << " m=" << m;
+      }
+    }
+  }
+}
+
+TEST(QgemmEpilogueAvx512, PairedBlocksMatchReferenceOnRawSums) {
+  // The two-block stores (PairPath) on raw int32 sums over the whole int32 range, against the
+  // 128-bit model: uint8 and int8 ranges with and without clamps, zero points at the fold limit
+  // (+-256) and past it (fallback), odd and even row counts, 32 .. 64 columns.
+  if (!isa_supported(Isa::kAvx512Vnni)) GTEST_SKIP() << "no AVX-512 VNNI";
+  std::mt19937 rng(23);
+  std::uniform_int_distribution<int32_t> any(kI32Min, kI32Max);
+  std::uniform_int_distribution<int32_t> expo(-21, -1);
+  struct Range {
+    int32_t zp, lo, hi;
+  };
+  const Range ranges[] = {{128, 0, 255},  {0, 0, 255},      {200, 200, 255},   {-256, 0, 255},
+                          {256, 0, 255},  {257, 0, 255},    {3, 10, 100},      {0, -128, 127},
+                          {-5, -5, 127},  {100, -128, 127}, {-256, -128, 127}, {7, 0, 127},
+                          {-10, -100, 50}};
+  for (int64_t N : {32, 40, 64}) {
+    for (int64_t M : {1, 5, 6}) {
+      const int64_t ld = N + 4;
+      Problem p = make_problem(1, N, 8, rng);
+      for (int64_t n = 0; n < N; ++n) {
+        p.mult[n].exponent = n == 0 ? -1 : n == 1 ? -21 : expo(rng);
+        if (n % 3 == 0) p.mult[n].multiplier = kI32Max;
+      }
+      std::vector<int32_t> acc(static_cast<size_t>(M * ld));
+      for (auto& v : acc) v = rng() % 3 ? any(rng) >> (rng() % 24) : any(rng);
+      acc[0] = kI32Max;
+      acc[1] = kI32Min;
+      for (const Range& r : ranges) {
+        const auto ep = requant_epilogue(p, r.zp, r.lo, r.hi);
+        std::vector<uint8_t> c(static_cast<size_t>(M * N));
+        detail::epilogue_block_avx512(acc.data(), ld, M, N, ep, c.data(), N);
+        for (int64_t m = 0; m < M; ++m) {
+          for (int64_t n = 0; n < N; ++n) {
+            const int32_t x = corrected_sum(p, acc[m * ld + n], n);
+            const int32_t want = requantize_model(x, p.mult[n], r.zp, r.lo, r.hi);
+            const int32_t got = r.lo < 0 ? static_cast<int8_t>(c[m * N + n]) : c[m * N + n];
+            ASSERT_EQ(got, want) << "N=" << N << " M=" << M << " m=" << m << " n=" << n
+                                 << " zp=" << r.zp << " [" << r.lo << ", " << r.hi << "]";
+          }
+        }
       }
     }
   }

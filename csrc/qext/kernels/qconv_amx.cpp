@@ -120,7 +120,7 @@ class ImplicitConv {
     // Epilogue of the virtual pixels [from, to) of the block at v0 whose sums are in acc, through
     // the stripe's panel (columns [n0, n0 + 32) of output pixel q at y + q * OC): one run per
     // output row.
-    auto finish = [&](const Panel& panel, int nb, const int32_t* acc, int64_t v0, int64_t from,
+    auto finish = [&](const Panel& panel, const int32_t* acc, int64_t v0, int64_t from,
                       int64_t to) {
       for (int64_t v = from; v < to;) {
         const int64_t r = v / Wp_, ow = v % Wp_;
@@ -130,22 +130,20 @@ class ImplicitConv {
         }
         const int64_t run = std::min(to, r * Wp_ + g_.out_w) - v;
         const int64_t pixel = (n * g_.out_h + oh0 + r) * g_.out_w + ow;
-        for (int j = 0; j < nb; ++j) {
-          panel.store_rows(j, pixel, run, acc + (v - v0) * kBlockN + j * kPackN, kBlockN);
-        }
+        panel.store_rows(pixel, run, acc + (v - v0) * kBlockN, kBlockN);
         v += run;
       }
     };
 
     // Rows of the previous block's epilogue done per k block: interleaved with the tile
-    // instructions in program order, so that the core's work overlaps the tile unit's.
-    const int64_t rows_per_step = (kBlockM + kblocks - 1) / kblocks;
+    // instructions in program order, so that the core's work overlaps the tile unit's. Even, for
+    // the panels' two-row stores.
+    const int64_t rows_per_step = (kBlockM + 2 * kblocks - 1) / (2 * kblocks) * 2;
     next_input_.start(prefetch_begin, prefetch_end,
                       piece.blocks * kblocks * static_cast<int64_t>(panels_.size()));
     for (size_t stripe = 0; stripe < panels_.size(); ++stripe) {
       const int64_t n0 = static_cast<int64_t>(stripe) * kBlockN;
       const bool two_cols = g_.out_channels - n0 > kPackN;
-      const int nb = two_cols ? 2 : 1;
       const Panel& panel = panels_[stripe];
       const int8_t* b0 = weight_ + packed_block_offset(n0, K);
       for (int64_t i = 0; i < piece.blocks; ++i) {
@@ -161,14 +159,14 @@ class ImplicitConv {
               next_input_.step();
               if (done >= v0) return;
               const int64_t to = std::min(v0, done + rows_per_step);
-              finish(panel, nb, prev, prev_v0, done, to);
+              finish(panel, prev, prev_v0, done, to);
               done = to;
             });
-        if (done < v0) finish(panel, nb, prev, prev_v0, done, v0);
+        if (done < v0) finish(panel, prev, prev_v0, done, v0);
         store_block(two_rows, two_cols, scratch_[i & 1]);
       }
       const int64_t last = piece.blocks - 1;
-      finish(panel, nb, scratch_[last & 1], last * kBlockM, last * kBlockM, rows);
+      finish(panel, scratch_[last & 1], last * kBlockM, last * kBlockM, rows);
     }
   }
 

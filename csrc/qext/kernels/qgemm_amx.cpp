@@ -152,11 +152,8 @@ void qgemm_amx_impl(int64_t M, int64_t N, int64_t K, const uint8_t* a, int64_t l
     int64_t m0 = 0, n0 = 0, rows = 0, cols = 0;
   } pending;
   auto finish_pending = [&] {
-    for (int64_t c0 = 0; c0 < pending.cols; c0 += kPackN) {
-      epilogue_block_avx512(scratch + c0, kBlockN, pending.rows,
-                            std::min(kPackN, pending.cols - c0), shift_columns(ep, pending.n0 + c0),
-                            c + pending.m0 * ldc + pending.n0 + c0, ldc);
-    }
+    epilogue_block_avx512(scratch, kBlockN, pending.rows, pending.cols,
+                          shift_columns(ep, pending.n0), c + pending.m0 * ldc + pending.n0, ldc);
     pending.rows = 0;
   };
 

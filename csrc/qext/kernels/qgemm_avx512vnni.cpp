@@ -118,7 +118,7 @@ void micro_kernel(int64_t K, const uint8_t* a, int64_t lda, const int8_t* w, int
                   const Panel& panel, int64_t row0) {
   alignas(64) int32_t tile[MR * NB * 16];
   dot_tile<MR, NB>(K, a, lda, w, bstride, tile);
-  for (int j = 0; j < NB; ++j) panel.store_rows(j, row0, MR, tile + 16 * j, 16 * NB);
+  panel.store_rows(row0, MR, tile, 16 * NB);
 }
 
 template <class Panel>
@@ -156,9 +156,10 @@ void run(int64_t M, int64_t N, int64_t K, const uint8_t* a, int64_t lda, const i
 template <class Panel, class Ep, class Out>
 void epilogue_block(const int32_t* acc, int64_t ld_acc, int64_t M, int64_t N, const Ep& ep, Out* c,
                     int64_t ldc) {
-  for (int64_t n0 = 0; n0 < N; n0 += kPackN) {
-    const Panel panel(ep, n0, N, 1, c + n0, ldc);
-    panel.store_rows(0, 0, M, acc + n0, ld_acc);
+  for (int64_t n0 = 0; n0 < N; n0 += kNb * kPackN) {
+    const int nb = static_cast<int>(std::min<int64_t>(kNb, (N - n0 + kPackN - 1) / kPackN));
+    const Panel panel(ep, n0, N, nb, c + n0, ldc);
+    panel.store_rows(0, M, acc + n0, ld_acc);
   }
 }
 
