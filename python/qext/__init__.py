@@ -26,7 +26,14 @@ from .quantization import (
     quantize_dynamic,
 )
 
-from .functional import dequantize, fake_quantize, fake_quantize_learnable, quantize
+from .functional import (
+    dequantize,
+    dequantize_per_tensor,
+    fake_quantize,
+    fake_quantize_learnable,
+    quantize,
+    quantize_per_tensor,
+)
 from .clustering import kmeans, kmeans_assign, kmeans_dequantize, pack_labels, unpack_labels
 from .export import ModelFileError, TraceMismatchError, load_torchscript, save_torchscript
 
@@ -56,6 +63,7 @@ __all__ = [
     "QConfig",
     "QuantSpec",
     "dequantize",
+    "dequantize_per_tensor",
     "disable_fake_quant",
     "disable_observer",
     "enable_fake_quant",
@@ -69,6 +77,7 @@ __all__ = [
     "make_observer",
     "pack_labels",
     "quantize",
+    "quantize_per_tensor",
     "set_module_names",
     "unpack_labels",
     "with_cuda",

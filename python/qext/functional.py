@@ -117,3 +117,16 @@ def dequantize(
     return torch.ops.qext.dequantize(
         q, _scale_tensor(scale, q), _zero_point_tensor(zero_point, q, torch.int32), axis, dtype
     )
+
+
+def quantize_per_tensor(x: torch.Tensor, scale: float, zero_point: int, quant_min: int, quant_max: int) -> torch.Tensor:
+    """``quantize`` with one scale and zero point, returned as a PyTorch quantized tensor (quint8, qint8 or
+    qint32: the first that holds the range) with scale ``float32(scale)``, the tensors torch's quantized
+    modules and qext's converted ones take. Channels-last inputs stay channels-last. CPU."""
+    return torch.ops.qext.quantize_per_tensor(x, float(scale), int(zero_point), quant_min, quant_max)
+
+
+def dequantize_per_tensor(q: torch.Tensor) -> torch.Tensor:
+    """float32 values of a per-tensor quantized tensor, ``dequantize`` of its levels with its scale (as float32)
+    and zero point. CPU."""
+    return torch.ops.qext.dequantize_per_tensor(q)

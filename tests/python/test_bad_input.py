@@ -427,3 +427,33 @@ def test_failed_call_leaves_input_unchanged(call):
     with pytest.raises((ValueError, IndexError, RuntimeError)):
         BAD_CALLS[call](x_grad)
     assert torch.equal(x_grad.detach(), before) and x_grad.grad is None
+
+
+@pytest.mark.parametrize(
+    "args,error,match",
+    [
+        ((torch.ones(3, dtype=torch.int32), 0.1, 0, 0, 255), RuntimeError, r"quantize_per_tensor: input must be a floating-point tensor .* got Int"),
+        ((torch.ones(3), 0.0, 0, 0, 255), ValueError, r"quantize_per_tensor: scale must be finite and positive .* got 0"),
+        ((torch.ones(3), -1.0, 0, 0, 255), ValueError, r"scale must be finite and positive .* got -1"),
+        ((torch.ones(3), float("nan"), 0, 0, 255), ValueError, r"scale must be finite and positive .* got nan"),
+        ((torch.ones(3), float("inf"), 0, 0, 255), ValueError, r"scale must be finite and positive .* got inf"),
+        ((torch.ones(3), 0.1, 256, 0, 255), ValueError, r"zero_point must lie in \[quant_min, quant_max\] = \[0, 255\], got 256"),
+        ((torch.ones(3), 0.1, 0, 5, 5), ValueError, r"quant_min must be less than quant_max, got quant_min=5 and quant_max=5"),
+        ((torch.ones(3), 0.1, 0, 0, 70000), ValueError, r"quant_min and quant_max must lie in"),
+        ((torch.tensor([1.0, float("nan")]), 0.1, 0, 0, 255), ValueError, r"quantize_per_tensor: input contains NaN"),
+    ],
+)
+def test_quantize_per_tensor_rejects(args, error, match):
+    before = args[0].clone()
+    with pytest.raises(error, match=match):
+        torch.ops.qext.quantize_per_tensor(*args)
+    assert torch.equal(args[0].nan_to_num(), before.nan_to_num())
+
+
+def test_dequantize_per_tensor_rejects():
+    with pytest.raises(RuntimeError, match=r"dequantize_per_tensor: input must be a quantized tensor, got Float"):
+        torch.ops.qext.dequantize_per_tensor(torch.ones(3))
+    q = torch.quantize_per_channel(torch.ones(2, 3), torch.tensor([0.1, 0.2], dtype=torch.double),
+                                   torch.tensor([0, 1]), 0, torch.quint8)
+    with pytest.raises(RuntimeError, match=r"dequantize_per_tensor: input must be quantized per tensor, got qscheme per_channel_affine"):
+        torch.ops.qext.dequantize_per_tensor(q)

@@ -319,3 +319,81 @@ def test_quantize_dequantize_modules(shape, qdtype):
     assert torch.equal(Quantize(scale * 2, zp, qmin, qmax)(xq).int_repr(),
                        qext.quantize(DeQuantize()(xq), scale * 2, zp, qmin, qmax))
     assert DeQuantize()(x) is x
+
+
+# ------------------------------------------------------------------------------------------------
+# quantize_per_tensor / dequantize_per_tensor: the same numerics, as PyTorch quantized tensors (CPU)
+# ------------------------------------------------------------------------------------------------
+
+QTENSOR_OF_STORAGE = {torch.uint8: torch.quint8, torch.int8: torch.qint8, torch.int32: torch.qint32}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("bits,signed", [(8, False), (8, True), (4, False), (4, True), (7, False), (16, True), (16, False)])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_quantize_per_tensor_is_quantize_as_a_qtensor(layout, bits, signed, dtype):
+    gen = torch.Generator().manual_seed(bits * 10 + signed)
+    qmin, qmax = quant_range(bits, signed)
+    scale = random_scale(gen, 1)
+    zp = random_zero_point(gen, 1, qmin, qmax, symmetric=False)
+    if layout == "expanded":
+        x = make_expanded(gen, [2, 3, 5, 7], 2).to(dtype)
+    else:
+        x = make_layout(random_input(gen, [2, 3, 5, 7], scale, zp, qmin, qmax, None).to(dtype), layout)
+    before = x.clone()
+    q = torch.ops.qext.quantize_per_tensor(x, float(scale), int(zp), qmin, qmax)
+    levels = qext.quantize(x, scale, zp, qmin, qmax)
+    assert q.is_quantized and q.qscheme() == torch.per_tensor_affine
+    assert q.dtype == QTENSOR_OF_STORAGE[default_storage(qmin, qmax)]
+    assert q.q_scale() == float(scale.to(torch.float32)) and q.q_zero_point() == int(zp)
+    assert torch.equal(q.int_repr(), levels.contiguous())
+    assert q.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+    assert torch.equal(x, before)
+    # and back: qext.dequantize of the levels, torch's dequantize where torch's arithmetic is the same
+    d = torch.ops.qext.dequantize_per_tensor(q)
+    assert d.dtype == torch.float32 and d.stride() == q.stride()
+    assert torch.equal(d, qext.dequantize(levels, scale, zp))
+    assert torch.equal(d, q.dequantize())
+
+
+@pytest.mark.parametrize("qdtype", [torch.quint8, torch.qint8])
+def test_quantize_per_tensor_matches_torch_on_full_byte_ranges(qdtype):
+    gen = torch.Generator().manual_seed(5)
+    qmin, qmax = (0, 255) if qdtype == torch.quint8 else (-128, 127)
+    for _ in range(20):
+        scale = random_scale(gen, 1)
+        zp = random_zero_point(gen, 1, qmin, qmax, symmetric=False)
+        x = random_input(gen, [4, 33], scale, zp, qmin, qmax, None)
+        q = torch.ops.qext.quantize_per_tensor(x, float(scale), int(zp), qmin, qmax)
+        want = torch.quantize_per_tensor(x, float(scale), int(zp), qdtype)
+        assert torch.equal(q.int_repr(), want.int_repr())
+
+
+@pytest.mark.parametrize("shape", [[], [0], [2, 0, 3], [1], [70001]])
+def test_quantize_per_tensor_shapes(shape):
+    x = torch.randn(shape) * 3
+    q = torch.ops.qext.quantize_per_tensor(x, 0.1, 5, 0, 15)
+    assert q.shape == x.shape and q.dtype == torch.quint8
+    assert torch.equal(q.int_repr(), qext.quantize(x, 0.1, 5, 0, 15))
+    assert torch.equal(torch.ops.qext.dequantize_per_tensor(q), qext.fake_quantize(x, 0.1, 5, 0, 15))
+
+
+def test_per_tensor_functionals_are_the_operators():
+    x = torch.randn(4, 5)
+    q = torch.ops.qext.quantize_per_tensor(x, 0.05, 3, -8, 7)
+    got = qext.quantize_per_tensor(x, 0.05, 3, -8, 7)
+    assert got.dtype == q.dtype == torch.qint8 and torch.equal(got.int_repr(), q.int_repr())
+    assert torch.equal(qext.dequantize_per_tensor(q), torch.ops.qext.dequantize_per_tensor(q))
+
+
+def test_dequantize_per_tensor_reads_torch_qtensors():
+    x = torch.randn(3, 4, 5, 6) * 4
+    for q in (torch.quantize_per_tensor(x, 0.05, 100, torch.quint8),
+              torch.quantize_per_tensor(x, 0.05, -7, torch.qint8),
+              torch.quantize_per_tensor(x, 0.002, 1000, torch.qint32),
+              torch.quantize_per_tensor(x, 0.05, 3, torch.quint8).contiguous(memory_format=torch.channels_last),
+              torch.quantize_per_tensor(x, 0.05, 3, torch.quint8).transpose(1, 3)):
+        d = torch.ops.qext.dequantize_per_tensor(q)
+        levels = q.int_repr()
+        want = qext.dequantize(levels, torch.tensor([q.q_scale()]), torch.tensor([q.q_zero_point()]))
+        assert torch.equal(d, want) and torch.equal(d, q.dequantize())

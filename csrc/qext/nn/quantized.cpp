@@ -45,6 +45,7 @@ torch::Tensor dequantize_any(const torch::Tensor& x) {
   TORCH_CHECK_VALUE(x.qscheme() == at::kPerTensorAffine || x.qscheme() == at::kPerTensorSymmetric,
                     "qext::nn::quantized: expected a per-tensor quantized tensor, got qscheme ",
                     toString(x.qscheme()));
+  if (x.is_cpu()) return ops::dequantize_per_tensor(x);
   const torch::Tensor q = x.int_repr();
   return ops::dequantize(q, torch::full({1}, x.q_scale(), q.options().dtype(torch::kFloat)),
                          torch::full({1}, x.q_zero_point(), q.options().dtype(torch::kInt)));
@@ -83,6 +84,10 @@ bool QuantizedModule::output_is_8bit() const {
 
 torch::Tensor QuantizedModule::finish(const torch::Tensor& y) const {
   if (!output_quantized()) return y;
+  if (y.is_cpu()) {
+    return ops::quantize_per_tensor(y.to(torch::kFloat), scale.item<float>(),
+                                    zero_point.item<int32_t>(), out_quant_min, out_quant_max);
+  }
   const torch::Tensor q =
       ops::quantize(y.to(torch::kFloat), scale, zero_point, out_quant_min, out_quant_max);
   return make_qtensor(q, scale, zero_point, out_quant_min, out_quant_max);

@@ -21,4 +21,14 @@ at::Tensor dequantize(const at::Tensor& input, const at::Tensor& scale,
                       const at::Tensor& zero_point, std::optional<int64_t> axis = std::nullopt,
                       std::optional<at::ScalarType> dtype = std::nullopt);
 
+// quantize with a per-tensor scale and zero point, returned as a PyTorch quantized tensor (quint8,
+// qint8 or qint32: the first that holds [quant_min, quant_max]) with scale float32(scale). The
+// layout is input's when channels-last, else contiguous. CPU.
+at::Tensor quantize_per_tensor(const at::Tensor& input, double scale, int64_t zero_point,
+                               int64_t quant_min, int64_t quant_max);
+
+// dequantize of a per-tensor quantized tensor's levels with its q_scale (as float32) and
+// q_zero_point: float32, input's layout when channels-last, else contiguous. CPU.
+at::Tensor dequantize_per_tensor(const at::Tensor& input);
+
 }  // namespace qext::ops

@@ -150,6 +150,8 @@ def dequantize_any(x):
     """float32 values of a quantized tensor, exactly ``(q - z) * s`` as qext's fake-quant computes them;
     other inputs are returned unchanged."""
     if isinstance(x, torch.Tensor) and x.is_quantized:
+        if x.is_cpu:  # straight from the quantized tensor: no levels view, no parameter tensors
+            return torch.ops.qext.dequantize_per_tensor.default(x)
         q, s, z = qtensor_levels(x)
         return torch.ops.qext.dequantize.default(q, *_qparam_tensors(s, z, q.device), None, None)
     return x

@@ -36,6 +36,33 @@ std::vector<double> read_host(const at::Tensor& t) {
   return values;
 }
 
+// Channel c of p from its scale and zero point (the range already in p), validated; `several`:
+// name the channel in the errors.
+void set_channel(QuantParams* p, size_t c, double scale, double zero_point, bool several,
+                 ZeroPointKind kind, const char* op) {
+  const float s = static_cast<float>(scale);
+  const float inv = 1.0f / s;
+  TORCH_CHECK_VALUE(std::isfinite(s) && s > 0.0f && std::isfinite(inv), op,
+                    ": scale must be finite and positive (and representable in float32 with a "
+                    "finite reciprocal), got ",
+                    scale, several ? " for channel " : "", several ? std::to_string(c) : "");
+  p->scale[c] = s;
+  p->inv_scale[c] = inv;
+  double z = zero_point;
+  if (kind == ZeroPointKind::kLearnable) {
+    TORCH_CHECK_VALUE(std::isfinite(z), op, ": zero_point must be finite, got ", z,
+                      several ? " for channel " : "", several ? std::to_string(c) : "");
+    z = std::min(std::max(std::nearbyint(z), static_cast<double>(p->quant_min)),
+                 static_cast<double>(p->quant_max));
+  }
+  TORCH_CHECK_VALUE(z >= p->quant_min && z <= p->quant_max, op, ": zero_point must lie in ",
+                    kind == ZeroPointKind::kStorage ? "the range of the input's integer dtype "
+                                                    : "[quant_min, quant_max] = ",
+                    "[", p->quant_min, ", ", p->quant_max, "], got ", z,
+                    several ? " for channel " : "", several ? std::to_string(c) : "");
+  p->zero_point[c] = static_cast<float>(z);
+}
+
 }  // namespace
 
 void check_quant_range(int64_t quant_min, int64_t quant_max, const char* op) {
@@ -136,30 +163,24 @@ QuantParams resolve_quant_params(const at::Tensor& dense_input, const at::Tensor
   p.scale.resize(n);
   p.inv_scale.resize(n);
   p.zero_point.resize(n);
-  for (size_t c = 0; c < n; ++c) {
-    const float s = static_cast<float>(scales[c]);
-    const float inv = 1.0f / s;
-    TORCH_CHECK_VALUE(std::isfinite(s) && s > 0.0f && std::isfinite(inv), op,
-                      ": scale must be finite and positive (and representable in float32 with a "
-                      "finite reciprocal), got ",
-                      scales[c], n > 1 ? " for channel " : "", n > 1 ? std::to_string(c) : "");
-    p.scale[c] = s;
-    p.inv_scale[c] = inv;
+  for (size_t c = 0; c < n; ++c) set_channel(&p, c, scales[c], zero_points[c], n > 1, kind, op);
+  return p;
+}
 
-    double z = zero_points[c];
-    if (kind == ZeroPointKind::kLearnable) {
-      TORCH_CHECK_VALUE(std::isfinite(z), op, ": zero_point must be finite, got ", z,
-                        n > 1 ? " for channel " : "", n > 1 ? std::to_string(c) : "");
-      z = std::min(std::max(std::nearbyint(z), static_cast<double>(quant_min)),
-                   static_cast<double>(quant_max));
-    }
-    TORCH_CHECK_VALUE(z >= quant_min && z <= quant_max, op, ": zero_point must lie in ",
-                      kind == ZeroPointKind::kStorage ? "the range of the input's integer dtype "
-                                                      : "[quant_min, quant_max] = ",
-                      "[", quant_min, ", ", quant_max, "], got ", z, n > 1 ? " for channel " : "",
-                      n > 1 ? std::to_string(c) : "");
-    p.zero_point[c] = static_cast<float>(z);
+QuantParams per_tensor_params(const at::Tensor& dense_input, double scale, double zero_point,
+                              int64_t quant_min, int64_t quant_max, ZeroPointKind kind,
+                              const char* op) {
+  if (kind != ZeroPointKind::kStorage) {
+    check_float_input(dense_input, op);
+    check_quant_range(quant_min, quant_max, op);
   }
+  QuantParams p;
+  p.quant_min = quant_min;
+  p.quant_max = quant_max;
+  p.scale.resize(1);
+  p.inv_scale.resize(1);
+  p.zero_point.resize(1);
+  set_channel(&p, 0, scale, zero_point, false, kind, op);
   return p;
 }
 

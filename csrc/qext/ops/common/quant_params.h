@@ -71,6 +71,13 @@ QuantParams resolve_quant_params(const at::Tensor& dense_input, const at::Tensor
                                  const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max,
                                  std::optional<int64_t> axis, ZeroPointKind kind, const char* op);
 
+// resolve_quant_params for one scale and zero point given as numbers (no tensor reads): checks the
+// range and a floating input (kStorage: neither, the caller took the range from the storage dtype),
+// then the values, with the same errors.
+QuantParams per_tensor_params(const at::Tensor& dense_input, double scale, double zero_point,
+                              int64_t quant_min, int64_t quant_max, ZeroPointKind kind,
+                              const char* op);
+
 // input itself when it is non-overlapping and dense (any dim order, e.g. channels_last), else a
 // contiguous copy. Kernels then walk memory linearly, and at::empty_like keeps the same layout.
 at::Tensor as_dense(const at::Tensor& input);

@@ -4,6 +4,8 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/_empty_affine_quantized.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
@@ -44,6 +46,42 @@ void dequantize_row(const Q* q, T* x, int64_t n, const QuantizerRow& row) {
   kernels::dequantize_row_ref(q, x, n, row);
 }
 
+// q (storage out_type, x's layout) = the levels of the dense floating tensor x, on all threads.
+void quantize_into(const at::Tensor& x, const QuantParams& p, at::ScalarType out_type, void* q,
+                   const char* op) {
+  std::atomic<bool> saw_nan{false};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "quantize", [&] {
+    const scalar_t* in = x.const_data_ptr<scalar_t>();
+    detail::visit_storage_type(out_type, [&](auto storage) {
+      using out_t = decltype(storage);
+      out_t* out = static_cast<out_t*>(q);
+      at::parallel_for(0, x.numel(), kGrain, [&](int64_t begin, int64_t end) {
+        for_each_row(p, begin, end, [&](int64_t pos, int64_t len, const QuantizerRow& row) {
+          if (!quantize_row(in + pos, out + pos, len, row)) saw_nan = true;
+        });
+      });
+    });
+  });
+  TORCH_CHECK_VALUE(!saw_nan, op, ": input contains NaN, which has no integer representation");
+}
+
+// x (floating, q's layout) = the values of the dense levels q (storage storage_type).
+void dequantize_into(const void* q, at::ScalarType storage_type, const QuantParams& p,
+                     at::Tensor& x) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dequantize", [&] {
+    scalar_t* out = x.mutable_data_ptr<scalar_t>();
+    detail::visit_storage_type(storage_type, [&](auto storage) {
+      using in_t = decltype(storage);
+      const in_t* in = static_cast<const in_t*>(q);
+      at::parallel_for(0, x.numel(), kGrain, [&](int64_t begin, int64_t end) {
+        for_each_row(p, begin, end, [&](int64_t pos, int64_t len, const QuantizerRow& row) {
+          dequantize_row(in + pos, out + pos, len, row);
+        });
+      });
+    });
+  });
+}
+
 at::Tensor quantize_cpu(const at::Tensor& input, const at::Tensor& scale,
                         const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max,
                         std::optional<int64_t> axis, std::optional<at::ScalarType> dtype) {
@@ -53,45 +91,84 @@ at::Tensor quantize_cpu(const at::Tensor& input, const at::Tensor& scale,
                                                      axis, detail::ZeroPointKind::kInteger, op);
   const at::ScalarType out_type = detail::quantized_storage_type(quant_min, quant_max, dtype, op);
   at::Tensor q = at::empty_like(x, x.options().dtype(out_type));
-  std::atomic<bool> saw_nan{false};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "quantize", [&] {
-    const scalar_t* in = x.const_data_ptr<scalar_t>();
-    detail::visit_storage_type(out_type, [&](auto storage) {
-      using out_t = decltype(storage);
-      out_t* out = q.mutable_data_ptr<out_t>();
-      at::parallel_for(0, x.numel(), kGrain, [&](int64_t begin, int64_t end) {
-        for_each_row(p, begin, end, [&](int64_t pos, int64_t len, const QuantizerRow& row) {
-          if (!quantize_row(in + pos, out + pos, len, row)) saw_nan = true;
-        });
-      });
-    });
-  });
-  TORCH_CHECK_VALUE(!saw_nan, op, ": input contains NaN, which has no integer representation");
+  quantize_into(x, p, out_type, q.mutable_data_ptr(), op);
   return q;
 }
 
 at::Tensor dequantize_cpu(const at::Tensor& input, const at::Tensor& scale,
                           const at::Tensor& zero_point, std::optional<int64_t> axis,
                           std::optional<at::ScalarType> dtype) {
-  // Named references, not structured bindings: C++17 lambdas cannot capture those.
   const detail::DequantizeArgs args =
       detail::resolve_dequantize_args(input, scale, zero_point, axis, dtype);
-  const at::Tensor& q = args.q;
-  const QuantParams& p = args.params;
-  const at::ScalarType out_type = args.out_type;
-  at::Tensor x = at::empty_like(q, q.options().dtype(out_type));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_type, "dequantize", [&] {
-    scalar_t* out = x.mutable_data_ptr<scalar_t>();
-    detail::visit_storage_type(q.scalar_type(), [&](auto storage) {
-      using in_t = decltype(storage);
-      const in_t* in = q.const_data_ptr<in_t>();
-      at::parallel_for(0, q.numel(), kGrain, [&](int64_t begin, int64_t end) {
-        for_each_row(p, begin, end, [&](int64_t pos, int64_t len, const QuantizerRow& row) {
-          dequantize_row(in + pos, out + pos, len, row);
-        });
-      });
-    });
-  });
+  at::Tensor x = at::empty_like(args.q, args.q.options().dtype(args.out_type));
+  dequantize_into(args.q.const_data_ptr(), args.q.scalar_type(), args.params, x);
+  return x;
+}
+
+// The storage of a per-tensor quantized dtype and back: quint8 <-> uint8, qint8 <-> int8, qint32
+// <-> int32.
+at::ScalarType qtensor_storage_type(at::ScalarType qtype) {
+  switch (qtype) {
+    case at::kQUInt8:
+      return at::kByte;
+    case at::kQInt8:
+      return at::kChar;
+    case at::kQInt32:
+      return at::kInt;
+    default:
+      TORCH_CHECK(false, "dequantize_per_tensor: input must be quint8, qint8 or qint32, got ",
+                  qtype);
+  }
+}
+at::ScalarType qtensor_type(at::ScalarType storage_type) {
+  return storage_type == at::kByte   ? at::kQUInt8
+         : storage_type == at::kChar ? at::kQInt8
+                                     : at::kQInt32;
+}
+
+// The layout a quantized tensor made from `input` keeps: channels-last when input is, else
+// contiguous (quantized tensors have no other dense layouts).
+at::MemoryFormat qtensor_format(const at::Tensor& input) {
+  return input.dim() == 4 && input.is_contiguous(at::MemoryFormat::ChannelsLast) &&
+                 !input.is_contiguous()
+             ? at::MemoryFormat::ChannelsLast
+             : at::MemoryFormat::Contiguous;
+}
+
+at::Tensor quantize_per_tensor_cpu(const at::Tensor& input, double scale, int64_t zero_point,
+                                   int64_t quant_min, int64_t quant_max) {
+  constexpr const char* op = "quantize_per_tensor";
+  const QuantParams p =
+      detail::per_tensor_params(input, scale, static_cast<double>(zero_point), quant_min, quant_max,
+                                detail::ZeroPointKind::kInteger, op);
+  const at::MemoryFormat format = qtensor_format(input);
+  const at::Tensor x = input.contiguous(format);
+  const at::ScalarType storage_type =
+      detail::quantized_storage_type(quant_min, quant_max, std::nullopt, op);
+  // The qtensor's scale is the float32 one the levels were computed with, as qext.quantize's.
+  at::Tensor q = at::_empty_affine_quantized(
+      x.sizes(), x.options().dtype(qtensor_type(storage_type)), p.scale[0], zero_point, format);
+  quantize_into(x, p, storage_type, q.data_ptr(), op);
+  return q;
+}
+
+at::Tensor dequantize_per_tensor_cpu(const at::Tensor& input) {
+  constexpr const char* op = "dequantize_per_tensor";
+  TORCH_CHECK(input.defined() && input.is_quantized(), op,
+              ": input must be a quantized tensor, got ",
+              input.defined() ? c10::toString(input.scalar_type()) : "an undefined tensor");
+  TORCH_CHECK(input.qscheme() == at::kPerTensorAffine || input.qscheme() == at::kPerTensorSymmetric,
+              op, ": input must be quantized per tensor, got qscheme ",
+              c10::toString(input.qscheme()));
+  const at::ScalarType storage_type = qtensor_storage_type(input.scalar_type());
+  const auto [lo, hi] = detail::storage_range(storage_type, op);
+  const QuantParams p =
+      detail::per_tensor_params(input, input.q_scale(), static_cast<double>(input.q_zero_point()),
+                                lo, hi, detail::ZeroPointKind::kStorage, op);
+  const at::MemoryFormat format = qtensor_format(input);
+  const at::Tensor q = input.contiguous(format);
+  at::Tensor x = at::empty(q.sizes(), q.options().dtype(at::kFloat), format);
+  dequantize_into(q.data_ptr(), storage_type, p, x);
   return x;
 }
 
@@ -100,6 +177,13 @@ at::Tensor dequantize_cpu(const at::Tensor& input, const at::Tensor& scale,
 TORCH_LIBRARY_IMPL(qext, CPU, m) {
   m.impl("quantize", quantize_cpu);
   m.impl("dequantize", dequantize_cpu);
+  m.impl("quantize_per_tensor", quantize_per_tensor_cpu);
+  m.impl("dequantize_per_tensor",
+         dequantize_per_tensor_cpu);  // its clear error for unquantized input
+}
+
+TORCH_LIBRARY_IMPL(qext, QuantizedCPU, m) {
+  m.impl("dequantize_per_tensor", dequantize_per_tensor_cpu);
 }
 
 }  // namespace qext::ops

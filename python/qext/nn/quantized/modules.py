@@ -100,9 +100,11 @@ class _QuantizedBase(nn.Module):
     def _finish(self, y: torch.Tensor) -> torch.Tensor:
         if self.scale is None:
             return y
-        # The op straight from the buffers and the qtensor from the cached numbers: on small activations
+        # From the cached numbers, on CPU in one op that returns the quantized tensor: on small activations
         # the Python wrappers and tensor reads cost more than the quantization.
         scale, zero_point, quant_min, quant_max = self._output_args_value
+        if y.is_cpu:
+            return torch.ops.qext.quantize_per_tensor.default(y.float(), scale, zero_point, quant_min, quant_max)
         q = torch.ops.qext.quantize.default(y.float(), self.scale, self.zero_point, quant_min, quant_max, None, None)
         return _utils.make_qtensor(q, scale, zero_point, quant_min, quant_max)
 
