@@ -131,6 +131,13 @@ TEST(Im2col, MatchesNaiveGatherAcrossLayouts) {
       {3, 4, 4, 5, 1, 1, 1, 0, 1, 1},   // 1x1
       {1, 5, 3, 3, 3, 3, 1, 2, 1, 1},   // padding larger than the image border: rows all padding
       {1, 2, 6, 7, 2, 3, 3, 0, 2, 2},   // depthwise-like grouping
+      // Runs of every length class of copy_flip: 10, 16, 18 and 75 channels per group, 80..240
+      // bytes of a kernel row.
+      {1, 40, 5, 5, 3, 3, 1, 1, 1, 4},
+      {1, 48, 6, 6, 3, 3, 1, 1, 1, 3},
+      {1, 36, 5, 5, 3, 3, 1, 1, 1, 2},
+      {1, 150, 4, 4, 3, 3, 1, 1, 1, 2},
+      {1, 80, 5, 5, 3, 3, 1, 1, 1, 1},
   };
   for (const Case& c : cases) {
     const Conv2dGeometry g = make_geometry(c.batch, c.cin, c.h, c.w, c.cin * 2, c.kh, c.kw,
@@ -336,14 +343,27 @@ Conv2dGeometry stride1_geometry(int64_t batch, int64_t cin, int64_t h, int64_t w
 
 // conv2d_implicit_u8s8 over all images in pieces of `chunk` rows, in two calls split at a row
 // that is not a piece boundary (the second call's pieces start mid-image); NCHW output.
+// A grouped q runs as the dense convolution with the block-diagonal weight of
+// pack_grouped_weight_dense.
 std::vector<uint8_t> implicit_conv(const QuantConv& q, int64_t chunk) {
-  const Conv2dGeometry& g = q.g;
-  const int64_t k = g.group_k(), implicit_k = conv_implicit_k(g);
-  std::vector<int8_t> wg(static_cast<size_t>(g.out_channels * k));
-  conv_weight_to_gemm(q.w.data(), g, 0, wg.data());
-  std::vector<int8_t> packed(packed_weight_bytes(g.out_channels, k));
+  Conv2dGeometry g = q.g;
+  const int64_t og = g.out_channels / g.groups, kg = g.group_k();
+  const auto group_bytes = static_cast<int64_t>(packed_weight_bytes(og, kg));
+  std::vector<int8_t> wg(static_cast<size_t>(og * kg)), packed(group_bytes * g.groups);
   std::vector<int32_t> row_sums(static_cast<size_t>(g.out_channels));
-  pack_weight(wg.data(), g.out_channels, k, k, packed.data(), row_sums.data());
+  for (int64_t group = 0; group < g.groups; ++group) {
+    conv_weight_to_gemm(q.w.data(), g, group, wg.data());
+    pack_weight(wg.data(), og, kg, kg, packed.data() + group * group_bytes,
+                row_sums.data() + group * og);
+  }
+  if (g.groups > 1) {
+    const Conv2dGeometry grouped = g;
+    g.groups = 1;
+    std::vector<int8_t> dense(packed_weight_bytes(g.out_channels, g.group_k()), 0x55);
+    pack_grouped_weight_dense(packed.data(), grouped, dense.data());
+    packed = std::move(dense);
+  }
+  const int64_t implicit_k = conv_implicit_k(g);
   std::vector<int8_t> weight(packed_weight_bytes(g.out_channels, implicit_k), 0x55);
   pack_conv_weight_implicit(packed.data(), g, weight.data());
   const RequantEpilogue ep = conv_epilogue(q, row_sums.data(), 0);
@@ -448,6 +468,31 @@ TEST(ConvImplicit, AmxEqualsDirectConvolution) {
     }
   }
   EXPECT_EQ(modes.size(), 3u) << "every way of reading A rows is covered";
+}
+
+TEST(ConvImplicit, GroupedAsBlockDiagonalDenseEqualsDirectConvolution) {
+  if (!isa_supported(Isa::kAmx)) GTEST_SKIP() << "no AMX";
+  std::mt19937 rng(5);
+  struct Case {
+    int64_t batch, cin, h, w, cout, kh, kw, pad, groups;
+  };
+  const Case cases[] = {
+      {2, 64, 9, 8, 64, 3, 3, 1, 4}, {1, 12, 7, 7, 18, 3, 3, 1, 3}, {1, 32, 6, 9, 40, 1, 3, 0, 2},
+      {1, 6, 8, 8, 4, 5, 5, 2, 2},   {2, 48, 5, 5, 96, 3, 3, 1, 8},
+  };
+  for (const Case& c : cases) {
+    Conv2dGeometry g =
+        stride1_geometry(c.batch, c.cin, c.h, c.w, c.cout, c.kh, c.kw, c.pad, c.pad, 1);
+    g.groups = c.groups;
+    for (const bool signed_input : {false, true}) {
+      SCOPED_TRACE(::testing::Message() << "cin " << c.cin << " cout " << c.cout << " groups "
+                                        << c.groups << " int8 " << signed_input);
+      const QuantConv q = random_conv(g, /*channels_last=*/true, signed_input, rng);
+      const std::vector<uint8_t> expected = direct_conv(q);
+      EXPECT_EQ(implicit_conv(q, 3), expected);
+      EXPECT_GT(std::set<uint8_t>(expected.begin(), expected.end()).size(), 8u);
+    }
+  }
 }
 
 TEST(ConvImplicit, ExtremeLevelsAndRejections) {

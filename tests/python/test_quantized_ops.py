@@ -160,6 +160,11 @@ CONV_CASES = [
     (2, 64, 9, 11, 40, 3, 1, 1, 1, 1),
     (1, 32, 12, 12, 64, 3, 1, 0, 1, 1),
     (1, 100, 6, 6, 20, 3, 1, 1, 1, 1),
+    # grouped, on AMX (enough output pixels) the one-group convolution with a block-diagonal weight:
+    # implicit (stride 1) and im2col (stride 2, dilation 2)
+    (2, 64, 12, 12, 64, 3, 1, 1, 1, 4),
+    (1, 64, 24, 24, 96, 3, 2, 1, 1, 32),
+    (1, 30, 16, 16, 20, 3, 1, 2, 2, 10),
 ]
 
 

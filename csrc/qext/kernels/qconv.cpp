@@ -46,7 +46,7 @@ void im2col_u8(const uint8_t* x, const int64_t s[4], const Conv2dGeometry& g, in
         continue;
       }
       const uint8_t* xrow = xn + ih * s[2];
-      std::memset(ok, pad, static_cast<size_t>(kw_lo * cg));
+      detail::fill_bytes(ok, pad, kw_lo * cg);
       if (rows_contiguous) {
         copy_flip(ok + kw_lo * cg, xrow + (iw0 + kw_lo * g.dilation_w) * s[3], (kw_hi - kw_lo) * cg,
                   flip);
@@ -61,7 +61,7 @@ void im2col_u8(const uint8_t* x, const int64_t s[4], const Conv2dGeometry& g, in
           for (int64_t c = 0; c < cg; ++c) op[c] = xp[c * s[1]] ^ flip;
         }
       }
-      std::memset(ok + kw_hi * cg, pad, static_cast<size_t>((g.kernel_w - kw_hi) * cg));
+      detail::fill_bytes(ok + kw_hi * cg, pad, (g.kernel_w - kw_hi) * cg);
     }
     if (++ow == g.out_w) {
       ow = 0;
@@ -164,6 +164,33 @@ bool conv_implicit_weight_is_packed(const Conv2dGeometry& g) {
          g.kernel_w * (g.in_channels / g.groups) == conv_span_bytes(g);
 }
 
+namespace {
+
+// Byte of W[n][k] in the packed layout (qgemm.h): block n / 16, group k / 4, lane 4 (n % 16) + k
+// % 4.
+int64_t packed_index(int64_t n, int64_t k, int64_t K) {
+  return static_cast<int64_t>(packed_block_offset(n / kPackN * kPackN, K)) + (k / 4) * 4 * kPackN +
+         (n % kPackN) * 4 + k % 4;
+}
+
+}  // namespace
+
+void pack_grouped_weight_dense(const int8_t* grouped, const Conv2dGeometry& g, int8_t* out) {
+  const int64_t C = g.in_channels, OC = g.out_channels, cg = C / g.groups, og = OC / g.groups;
+  const int64_t taps = g.kernel_h * g.kernel_w, Kg = g.group_k(), K = taps * C;
+  const auto group_bytes = static_cast<int64_t>(packed_weight_bytes(og, Kg));
+  std::memset(out, 0, packed_weight_bytes(OC, K));
+  for (int64_t o = 0; o < OC; ++o) {
+    const int64_t group = o / og;
+    const int8_t* w = grouped + group * group_bytes;
+    for (int64_t t = 0; t < taps; ++t) {  // GEMM k order (kh, kw, c)
+      for (int64_t c = 0; c < cg; ++c) {
+        out[packed_index(o, t * C + group * cg + c, K)] = w[packed_index(o % og, t * cg + c, Kg)];
+      }
+    }
+  }
+}
+
 void pack_conv_weight_implicit(const int8_t* packed, const Conv2dGeometry& g, int8_t* out) {
   const int64_t N = g.out_channels, K = g.group_k(), row = g.kernel_w * g.in_channels;
   const int64_t span = conv_span_bytes(g), K_spans = conv_implicit_k(g);
@@ -171,27 +198,21 @@ void pack_conv_weight_implicit(const int8_t* packed, const Conv2dGeometry& g, in
     std::memcpy(out, packed, packed_weight_bytes(N, K));
     return;
   }
-  // Byte of W[n][k] in the packed layout (qgemm.h): block n / 16, group k / 4, lane 4 (n % 16) + k
-  // % 4.
-  auto at = [](int64_t n, int64_t k, int64_t K_total) {
-    return static_cast<int64_t>(packed_block_offset(n / kPackN * kPackN, K_total)) +
-           (k / 4) * 4 * kPackN + (n % kPackN) * 4 + k % 4;
-  };
   std::memset(out, 0, packed_weight_bytes(N, K_spans));
   const int64_t blocks = (N + kPackN - 1) / kPackN;
   for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
     if (row % 4 == 0) {  // whole 4-k groups of all 16 columns of a block move as 64 bytes
       for (int64_t b = 0; b < blocks; ++b) {
         for (int64_t k = 0; k < row; k += 4) {
-          std::memcpy(out + at(b * kPackN, kh * span + k, K_spans),
-                      packed + at(b * kPackN, kh * row + k, K), 4 * kPackN);
+          std::memcpy(out + packed_index(b * kPackN, kh * span + k, K_spans),
+                      packed + packed_index(b * kPackN, kh * row + k, K), 4 * kPackN);
         }
       }
       continue;
     }
     for (int64_t n = 0; n < blocks * kPackN; ++n) {
       for (int64_t k = 0; k < row; ++k) {
-        out[at(n, kh * span + k, K_spans)] = packed[at(n, kh * row + k, K)];
+        out[packed_index(n, kh * span + k, K_spans)] = packed[packed_index(n, kh * row + k, K)];
       }
     }
   }

@@ -87,6 +87,16 @@ bool conv_implicit_weight_is_packed(const Conv2dGeometry& g);
 // packed_weight_bytes(out_channels, conv_implicit_k(g)).
 void pack_conv_weight_implicit(const int8_t* packed, const Conv2dGeometry& g, int8_t* out);
 
+// The packed GEMM weight of the one-group convolution equal to the grouped convolution g: output
+// channel o (group o / (out_channels / groups)) keeps its weights on its group's input channels and
+// is zero on the others (block diagonal), in the (kh, kw, c) order over all in_channels. `grouped`
+// holds the groups' packed weights (K = g.group_k()) one after the other,
+// packed_weight_bytes(out_channels / groups, g.group_k()) bytes apart; out holds
+// packed_weight_bytes(out_channels, kernel_h * kernel_w * in_channels) bytes. The row sums stay
+// the groups' ones. With few groups the dense convolution on the implicit path costs less than a
+// per-group im2col + GEMM, although it does groups times the multiplies.
+void pack_grouped_weight_dense(const int8_t* grouped, const Conv2dGeometry& g, int8_t* out);
+
 // Output rows [row_begin, row_end) of the batch (row r: image r / out_h, output row r % out_h),
 // written channels-last y[((n * out_h + oh) * out_w + ow) * out_channels + o], bit-identical to
 // im2col_u8 (same pad_value / flip) + qgemm_u8s8 on the packed GEMM weight with the same epilogue.

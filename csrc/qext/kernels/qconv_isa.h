@@ -25,13 +25,33 @@ inline void valid_taps(int64_t start, int64_t dilation, int64_t kernel, int64_t 
   *hi = h;
 }
 
-// Copies n bytes with every byte XORed with flip (a plain memcpy when flip is 0).
+// Copies n bytes with every byte XORed with flip (a plain copy when flip is 0). Short runs (the
+// taps of a grouped convolution's few channels, a first layer's kernel rows) are copied inline in
+// fixed-size pieces, the last one overlapping: a memcpy call per 16-byte run cost more than the
+// GEMM it feeds.
 inline void copy_flip(uint8_t* dst, const uint8_t* src, int64_t n, uint8_t flip) {
-  if (flip == 0) {
-    std::memcpy(dst, src, static_cast<size_t>(n));
-  } else {
+  if (flip != 0) {
     for (int64_t i = 0; i < n; ++i) dst[i] = src[i] ^ flip;
+  } else if (n > 64) {
+    std::memcpy(dst, src, static_cast<size_t>(n));
+  } else if (n >= 16) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) std::memcpy(dst + i, src + i, 16);
+    if (i < n) std::memcpy(dst + n - 16, src + n - 16, 16);
+  } else if (n >= 8) {
+    std::memcpy(dst, src, 8);
+    std::memcpy(dst + n - 8, src + n - 8, 8);
+  } else if (n >= 4) {
+    std::memcpy(dst, src, 4);
+    std::memcpy(dst + n - 4, src + n - 4, 4);
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = src[i];
   }
+}
+
+// memset for the short pad runs of im2col (often none).
+inline void fill_bytes(uint8_t* dst, uint8_t value, int64_t n) {
+  if (n > 0) std::memset(dst, value, static_cast<size_t>(n));
 }
 
 // The scalar references (qconv.cpp, qelementwise.cpp).
