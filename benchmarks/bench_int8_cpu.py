@@ -15,6 +15,8 @@ alike):
            clock). The input has levels 0..255; "qext[avx2] 7-bit" feeds the
            same x as 7-bit levels 0..127 (the int8_avx2 preset), which the AVX2 path runs with vpmaddubsw.
   conv     3x3 convolution 8x64x56x56 -> 64 (padding 1), channels-last and NCHW inputs, the same engines.
+  convs    other convolutions on channels-last inputs (OTHER_CONVS: stride 2, 1x1, a 7x7 stem, grouped,
+           depthwise): qext against the fastest torch int8 engine, and fp32.
   pool     MaxPool2d(2) on a quint8 64x64x24x24 input (the CNN's first pool at batch 64), channels-last (what
            converted convolutions write) and NCHW: qext.nn.quantized.MaxPool2d (``quantized_max_pool2d``) vs
            torch.nn.MaxPool2d (torch's quantized max_pool2d). GB/s: input bytes read per second.
@@ -150,35 +152,50 @@ def linear_variants(M: int, K: int, N: int) -> dict:
     return fns
 
 
-def conv_variants(channels_last: bool) -> dict:
+def conv_variants(channels_last: bool, shape: tuple = (8, 64, 56, 64, 3, 1, 1, 1)) -> dict:
+    """``shape``: (batch, C, H = W, OC, k, stride, padding, groups)."""
+    N, C, H, OC, k, stride, pad, groups = shape
     g = torch.Generator().manual_seed(7)
-    x = torch.randn(8, 64, 56, 56, generator=g)
-    w = torch.randn(64, 64, 3, 3, generator=g) * 0.05
-    bias = torch.randn(64, generator=g)
+    x = torch.randn(N, C, H, H, generator=g)
+    w = torch.randn(OC, C // groups, k, k, generator=g) * 0.05
+    bias = torch.randn(OC, generator=g)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     qx = torch.quantize_per_tensor(x, 0.03, 128, torch.quint8).contiguous(memory_format=fmt)
     w_scale = (w.abs().amax((1, 2, 3)) / 127).double()
-    qw = torch.quantize_per_channel(w, w_scale, torch.zeros(64, dtype=torch.long), 0, torch.qint8)
-    packed, sums = ops.pack_quantized_weight(qw.int_repr(), 1)
+    qw = torch.quantize_per_channel(w, w_scale, torch.zeros(OC, dtype=torch.long), 0, torch.qint8)
+    packed, sums = ops.pack_quantized_weight(qw.int_repr(), groups)
     ws = w_scale.float()
     fns = {
-        "qext": lambda: ops.quantized_conv2d(qx, packed, sums, [64, 64, 3, 3], ws, bias, [1, 1], [1, 1], [1, 1], 1,
-                                            0.2, 128, 0, 255, False)
+        "qext": lambda: ops.quantized_conv2d(qx, packed, sums, list(w.shape), ws, bias, [stride] * 2, [pad] * 2,
+                                            [1, 1], groups, 0.2, 128, 0, 255, False)
     }
     for eng in ENGINES:
         torch.backends.quantized.engine = eng
-        conv = torch.ao.nn.quantized.Conv2d(64, 64, 3, padding=1)
+        conv = torch.ao.nn.quantized.Conv2d(C, OC, k, stride=stride, padding=pad, groups=groups)
         conv.set_weight_bias(qw, bias)
         conv.scale, conv.zero_point = 0.2, 128
         fns[f"torch {eng}"] = with_engine(eng, lambda conv=conv: conv(qx))
     xf = x.contiguous(memory_format=fmt)
-    fconv = torch.nn.Conv2d(64, 64, 3, padding=1).eval()
+    fconv = torch.nn.Conv2d(C, OC, k, stride=stride, padding=pad, groups=groups).eval()
     with torch.no_grad():
         fconv.weight.copy_(w)
         fconv.bias.copy_(bias)
     fconv = fconv.to(memory_format=fmt)
     fns["fp32"] = lambda: fconv(xf)
     return fns
+
+
+# Other convolutions (channels-last input): (name, (batch, C, H = W, OC, k, stride, padding, groups)).
+OTHER_CONVS = [
+    ("3x3 stride 2, 8x64x56x56 -> 128", (8, 64, 56, 128, 3, 2, 1, 1)),
+    ("1x1, 8x64x56x56 -> 256", (8, 64, 56, 256, 1, 1, 0, 1)),
+    ("7x7 stride 2 stem, 1x3x224x224 -> 64", (1, 3, 224, 64, 7, 2, 3, 1)),
+    ("3x3 4 groups, 8x64x56x56 -> 64", (8, 64, 56, 64, 3, 1, 1, 4)),
+    ("3x3 32 groups, 8x128x28x28 -> 128", (8, 128, 28, 128, 3, 1, 1, 32)),
+    ("3x3 32 groups stride 2, 8x128x56x56 -> 128", (8, 128, 56, 128, 3, 2, 1, 32)),
+    ("3x3 depthwise, 1x32x112x112", (1, 32, 112, 32, 3, 1, 1, 32)),
+    ("3x3 depthwise, 8x128x28x28", (8, 128, 28, 128, 3, 1, 1, 128)),
+]
 
 
 # --------------------------------------------------------------------------------------------- pool
@@ -242,7 +259,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--ghz", type=float, default=3.0, help="clock for the AVX2 peak (32 MAC/cycle/core)")
-    ap.add_argument("--sections", default="linear,conv,pool,model")
+    ap.add_argument("--sections", default="linear,conv,convs,pool,model")
     ap.add_argument("--json", default=str(REPO_ROOT / "results" / "bench_int8_cpu.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -286,6 +303,23 @@ def main() -> None:
                                  "GMAC/s": f"{macs / v / 1e9:.1f}", "vs fastest torch int8": f"{best_torch / v:.2f}x"})
             result["conv"] = rows
             report.append(table("3x3 conv 8x64x56x56 -> 64", rows, ["input", "variant", "ms", "GMAC/s", "vs fastest torch int8"]))
+        if "convs" in sections:
+            rows = []
+            for name, shape in OTHER_CONVS:
+                N, C, H, OC, k, stride, pad, groups = shape
+                out = (H + 2 * pad - k) // stride + 1
+                macs = N * out * out * OC * (C // groups) * k * k
+                t = time_round_robin(conv_variants(True, shape), max(5, args.reps // 3))
+                best_torch = min(v for key, v in t.items() if key.startswith("torch"))
+                rows.append({"convolution": name, "qext ms": f"{t['qext'] * 1e3:.3f}",
+                             "fastest torch int8 ms": f"{best_torch * 1e3:.3f}",
+                             "qext GMAC/s": f"{macs / t['qext'] / 1e9:.1f}",
+                             "vs fastest torch int8": f"{best_torch / t['qext']:.2f}x",
+                             "fp32 ms": f"{t['fp32'] * 1e3:.3f}"})
+            result["convs"] = rows
+            report.append(table("Other convolutions, channels-last", rows,
+                                ["convolution", "qext ms", "fastest torch int8 ms", "qext GMAC/s",
+                                 "vs fastest torch int8", "fp32 ms"]))
         if "pool" in sections:
             rows = []
             for cl in (True, False):
