@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -594,13 +595,15 @@ Conv2dGeometry depthwise_geometry(int64_t batch, int64_t channels, int64_t h, in
   return g;
 }
 
-TEST(Depthwise, ScalarEqualsDirectAndGemmAndAvx2IsBitIdentical) {
+TEST(Depthwise, ScalarEqualsDirectAndGemmAndVectorPathsAreBitIdentical) {
   std::mt19937 rng(3);
   std::uniform_int_distribution<int> pick_c(1, 70), pick_hw(3, 13), pick_k(0, 1), pick_s(1, 2);
-  const bool avx2 = isa_supported(Isa::kAvx2);
-  for (int iter = 0; iter < 40; ++iter) {
-    const int64_t channels =
-        iter < 4 ? int64_t{16} << iter % 3 : pick_c(rng);  // 16, 32, 64, random
+  const bool avx2 = isa_supported(Isa::kAvx2), vnni = isa_supported(Isa::kAvx512Vnni);
+  for (int iter = 0; iter < 48; ++iter) {
+    // 16, 32, 64, then random; 96, 130, 200 (several 64-channel chunks of the VNNI path) at the end
+    const int64_t channels = iter < 4    ? int64_t{16} << iter % 3
+                             : iter < 42 ? pick_c(rng)
+                                         : std::array<int64_t, 3>{96, 130, 200}[iter % 3];
     const int64_t k = pick_k(rng) ? 5 : 3;
     const int64_t stride = pick_s(rng);
     const int64_t pad = iter % 4 == 3 ? 0 : k / 2;
@@ -635,10 +638,11 @@ TEST(Depthwise, ScalarEqualsDirectAndGemmAndAvx2IsBitIdentical) {
       ASSERT_EQ(run_depthwise(Isa::kAvx2, q), scalar);
       ASSERT_EQ(run_depthwise(best_isa(), q), scalar);
     }
+    if (vnni) ASSERT_EQ(run_depthwise(Isa::kAvx512Vnni, q), scalar);
   }
 }
 
-TEST(Depthwise, Avx2RequantizationCornerCases) {
+TEST(Depthwise, VectorRequantizationCornerCases) {
   // Multipliers with left shifts that saturate, right shifts up to 31, zero points and clamps that
   // cut: all against the scalar path.
   if (!isa_supported(Isa::kAvx2)) GTEST_SKIP() << "no AVX2";
@@ -656,6 +660,9 @@ TEST(Depthwise, Avx2RequantizationCornerCases) {
     q.out_min = lo;
     q.out_max = hi;
     EXPECT_EQ(run_depthwise(Isa::kAvx2, q), run_depthwise(Isa::kScalar, q));
+    if (isa_supported(Isa::kAvx512Vnni)) {
+      EXPECT_EQ(run_depthwise(Isa::kAvx512Vnni, q), run_depthwise(Isa::kScalar, q));
+    }
     EXPECT_EQ(run_depthwise(Isa::kScalar, q), direct_conv(q));
   }
 }

@@ -138,8 +138,10 @@ void depthwise_conv2d_u8s8(Isa isa, const uint8_t* x, const Conv2dGeometry& g, c
                            uint8_t* y) {
   if (isa == Isa::kScalar) {
     detail::depthwise_conv2d_scalar(x, g, w_hwc, ep, n, oh0, oh1, y);
-  } else {
+  } else if (isa == Isa::kAvx2) {
     detail::depthwise_conv2d_avx2(x, g, w_hwc, ep, n, oh0, oh1, y);
+  } else {
+    detail::depthwise_conv2d_avx512(x, g, w_hwc, ep, n, oh0, oh1, y);
   }
 }
 

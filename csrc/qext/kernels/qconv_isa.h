@@ -69,6 +69,12 @@ void depthwise_conv2d_avx2(const uint8_t* x, const Conv2dGeometry& g, const int8
 void add_u8_avx2(const uint8_t* a, const uint8_t* b, int64_t n, const AddParams& p, uint8_t* out,
                  uint8_t a_flip, uint8_t b_flip, uint8_t out_flip);
 
+// AVX-512 VNNI (qconv_avx512.cpp); bit-identical to the reference, which it calls for an input zero
+// point outside [0, 255].
+void depthwise_conv2d_avx512(const uint8_t* x, const Conv2dGeometry& g, const int8_t* w_hwc,
+                             const RequantEpilogue& ep, int64_t n, int64_t oh0, int64_t oh1,
+                             uint8_t* y);
+
 // AMX (qconv_amx.cpp), behind conv2d_implicit_u8s8.
 void conv2d_implicit_amx(const uint8_t* x, const Conv2dGeometry& g, const int8_t* weight,
                          const RequantEpilogue& ep, int64_t row_begin, int64_t row_end,
