@@ -1,9 +1,9 @@
 // AVX-512 VNNI depthwise convolution (qconv_isa.h). Compiled with the AVX-512 flags
 // (CMakeLists.txt); depthwise_conv2d_u8s8 calls it for Isa::kAvx512Vnni and Isa::kAmx.
 //
-// Each output row's kernel_h input rows are copied into padded rows of Cp (C rounded up to 64)
-// bytes per pixel, whatever lies outside the image (rows, columns, channels past C) holding the
-// input zero point za. Every tap of every output pixel is then in the buffer, and
+// The input rows are copied, once each, into padded rows of Cp (C rounded up to 64) bytes per
+// pixel, whatever lies outside the image (rows, columns, channels past C) holding the input zero
+// point za. Every tap of every output pixel is then in the buffer, and
 //   sum over in-image taps of (x - za) w  =  sum over all taps of x w  -  za * sum_t w[t],
 // since a padded tap's x w is za w. That is the GEMM epilogue's form with row_sums[c] = the sum of
 // channel c's taps, so the shared AVX-512 epilogue (epilogue_avx512.h) requantizes whole output
@@ -120,46 +120,66 @@ void depthwise_rows(const uint8_t* x, const Conv2dGeometry& g, const int8_t* w_h
     panels.emplace_back(row_ep, n0, C, C - n0 > 16 ? 2 : 1, y + n0, C);
   }
 
-  // Byte offset of each tap in the padded rows (from output column 0); the taps past `taps` in the
-  // last group repeat tap 0, against zero weights.
-  std::vector<int64_t> tap_offset(static_cast<size_t>(4 * tap_groups), 0);
-  for (int64_t t = 0; t < taps; ++t) {
-    tap_offset[t] = (t / g.kernel_w) * row_bytes + (t % g.kernel_w) * g.dilation_w * Cp;
-  }
-
-  std::vector<uint8_t> rows(static_cast<size_t>(g.kernel_h * row_bytes));
-  std::vector<int32_t> sums(static_cast<size_t>(g.out_w * Cp));
-  for (int64_t oh = oh0; oh < oh1; ++oh) {
-    for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
-      uint8_t* row = rows.data() + kh * row_bytes;
-      const int64_t ih = oh * g.stride_h - g.pad_h + kh * g.dilation_h;
-      if (ih < 0 || ih >= g.in_h) {
-        std::memset(row, za, static_cast<size_t>(row_bytes));
-        continue;
-      }
-      const uint8_t* src = x + (n * g.in_h + ih) * g.in_w * C;
-      if (Cp == C) {
-        std::memset(row, za, static_cast<size_t>(g.pad_w * Cp));
-        std::memcpy(row + g.pad_w * Cp, src, static_cast<size_t>(g.in_w * C));
-        std::memset(row + (g.pad_w + g.in_w) * Cp, za, static_cast<size_t>(g.pad_w * Cp));
-      } else {
-        std::memset(row, za, static_cast<size_t>(row_bytes));
-        for (int64_t iw = 0; iw < g.in_w; ++iw) {
-          std::memcpy(row + (g.pad_w + iw) * Cp, src + iw * C, static_cast<size_t>(C));
+  // Padded input rows, cached: consecutive output rows share kernel_h - 1 of their stride-1 rows.
+  // Input row ih lives in slot ih mod `slots` (the rows of one output row are at most `slots` - 1
+  // apart, so they never collide); rows outside the image all read one row of za.
+  const int64_t slots = (g.kernel_h - 1) * g.dilation_h + g.stride_h + 1;
+  std::vector<uint8_t> cache(static_cast<size_t>((slots + 1) * row_bytes));
+  std::vector<int64_t> cached(static_cast<size_t>(slots), -1);  // the input row in each slot
+  uint8_t* const outside = cache.data() + slots * row_bytes;
+  std::memset(outside, za, static_cast<size_t>(row_bytes));
+  const __m512i za_bytes = _mm512_set1_epi8(static_cast<char>(za));
+  auto padded_row = [&](int64_t ih) -> const uint8_t* {
+    if (ih < 0 || ih >= g.in_h) return outside;
+    const int64_t slot = ih % slots;
+    uint8_t* row = cache.data() + slot * row_bytes;
+    if (cached[slot] == ih) return row;
+    cached[slot] = ih;
+    const uint8_t* src = x + (n * g.in_h + ih) * g.in_w * C;
+    std::memset(row, za, static_cast<size_t>(g.pad_w * Cp));
+    std::memset(row + (g.pad_w + g.in_w) * Cp, za, static_cast<size_t>(g.pad_w * Cp));
+    if (Cp == C) {
+      std::memcpy(row + g.pad_w * Cp, src, static_cast<size_t>(g.in_w * C));
+      return row;
+    }
+    // Each pixel's C bytes, then za up to Cp: masked loads over a vector of za.
+    for (int64_t iw = 0; iw < g.in_w; ++iw) {
+      uint8_t* dst = row + (g.pad_w + iw) * Cp;
+      for (int64_t c = 0; c < Cp; c += 64) {
+        const int64_t valid = std::clamp<int64_t>(C - c, 0, 64);
+        const __mmask64 mask = valid == 64 ? ~__mmask64{0} : (__mmask64{1} << valid) - 1;
+        const __m512i v = _mm512_mask_loadu_epi8(za_bytes, mask, src + iw * C + c);
+        if (Cp - c >= 64) {
+          _mm512_storeu_si512(dst + c, v);
+        } else {  // a 32-byte chunk (Cp = 32)
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + c), _mm512_castsi512_si256(v));
         }
       }
     }
+    return row;
+  };
+
+  std::vector<int32_t> sums(static_cast<size_t>(g.out_w * Cp));
+  // Where each tap of output column 0 reads; the taps past `taps` in the last group repeat tap 0,
+  // against zero weights.
+  std::vector<const uint8_t*> tap_at(static_cast<size_t>(4 * tap_groups));
+  for (int64_t oh = oh0; oh < oh1; ++oh) {
+    for (int64_t t = 0; t < 4 * tap_groups; ++t) {
+      const int64_t tap = t < taps ? t : 0, kh = tap / g.kernel_w, kw = tap % g.kernel_w;
+      tap_at[t] =
+          padded_row(oh * g.stride_h - g.pad_h + kh * g.dilation_h) + kw * g.dilation_w * Cp;
+    }
     for (int64_t ow = 0; ow < g.out_w; ++ow) {
-      const uint8_t* base = rows.data() + ow * g.stride_w * Cp;
+      const int64_t column = ow * g.stride_w * Cp;
       for (int64_t m = 0; m < chunks; ++m) {
         V acc[4] = {Vec::zero(), Vec::zero(), Vec::zero(), Vec::zero()};
         const int8_t* wm = wq.data() + m * 4 * kWidth;
+        const int64_t at = column + m * kWidth;
         for (int64_t q = 0; q < tap_groups; ++q, wm += chunks * 4 * kWidth) {
-          const uint8_t* xm = base + m * kWidth;
-          const V t0 = Vec::load(xm + tap_offset[4 * q]);
-          const V t1 = Vec::load(xm + tap_offset[4 * q + 1]);
-          const V t2 = Vec::load(xm + tap_offset[4 * q + 2]);
-          const V t3 = Vec::load(xm + tap_offset[4 * q + 3]);
+          const V t0 = Vec::load(tap_at[4 * q] + at);
+          const V t1 = Vec::load(tap_at[4 * q + 1] + at);
+          const V t2 = Vec::load(tap_at[4 * q + 2] + at);
+          const V t3 = Vec::load(tap_at[4 * q + 3] + at);
           const V t01_lo = Vec::unpacklo8(t0, t1), t01_hi = Vec::unpackhi8(t0, t1);
           const V t23_lo = Vec::unpacklo8(t2, t3), t23_hi = Vec::unpackhi8(t2, t3);
           const V quads[4] = {Vec::unpacklo16(t01_lo, t23_lo), Vec::unpackhi16(t01_lo, t23_lo),
