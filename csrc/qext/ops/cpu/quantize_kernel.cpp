@@ -105,8 +105,7 @@ at::Tensor dequantize_cpu(const at::Tensor& input, const at::Tensor& scale,
   return x;
 }
 
-// The storage of a per-tensor quantized dtype and back: quint8 <-> uint8, qint8 <-> int8, qint32
-// <-> int32.
+// The integer storage of a quantized dtype: quint8 -> uint8, qint8 -> int8, qint32 -> int32.
 at::ScalarType qtensor_storage_type(at::ScalarType qtype) {
   switch (qtype) {
     case at::kQUInt8:
@@ -120,6 +119,8 @@ at::ScalarType qtensor_storage_type(at::ScalarType qtype) {
                   qtype);
   }
 }
+
+// The quantized dtype of an integer storage (quantized_storage_type's uint8, int8 or int32).
 at::ScalarType qtensor_type(at::ScalarType storage_type) {
   return storage_type == at::kByte   ? at::kQUInt8
          : storage_type == at::kChar ? at::kQInt8
