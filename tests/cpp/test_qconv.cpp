@@ -328,17 +328,19 @@ TEST(ConvGemm, Im2colPlusGemmEqualsDirectConvolution) {
   }
 }
 
-// Stride-1 geometry for the implicit-GEMM path (make_geometry varies stride and dilation per axis).
-Conv2dGeometry stride1_geometry(int64_t batch, int64_t cin, int64_t h, int64_t w, int64_t cout,
-                                int64_t kh, int64_t kw, int64_t pad_h, int64_t pad_w,
-                                int64_t dilation_h) {
+// Geometry for the implicit-GEMM path (make_geometry ties the horizontal parameters to the
+// vertical ones and varies dilation_w).
+Conv2dGeometry implicit_geometry(int64_t batch, int64_t cin, int64_t h, int64_t w, int64_t cout,
+                                 int64_t kh, int64_t kw, int64_t pad_h, int64_t pad_w,
+                                 int64_t dilation_h, int64_t stride_h = 1, int64_t stride_w = 1) {
   Conv2dGeometry g = make_geometry(batch, cin, h, w, cout, kh, kw, 1, 0, 1, 1);
-  g.stride_w = 1;
+  g.stride_h = stride_h;
+  g.stride_w = stride_w;
   g.pad_h = pad_h;
   g.pad_w = pad_w;
   g.dilation_h = dilation_h;
-  g.out_h = out_size(h, kh, 1, pad_h, dilation_h);
-  g.out_w = out_size(w, kw, 1, pad_w, 1);
+  g.out_h = out_size(h, kh, stride_h, pad_h, dilation_h);
+  g.out_w = out_size(w, kw, stride_w, pad_w, 1);
   return g;
 }
 
@@ -391,8 +393,13 @@ std::vector<uint8_t> implicit_conv(const QuantConv& q, int64_t chunk) {
 TEST(ConvImplicit, WeightLayouts) {
   // 5 output channels, 2x3 kernel over 40 channels: kernel rows of 120 bytes padded to 128 (the
   // 240-byte patch needs 4 k blocks too: padded rows it is).
-  const Conv2dGeometry g = stride1_geometry(1, 40, 6, 6, 5, 2, 3, 1, 1, 1);
-  ASSERT_EQ(conv_span_bytes(g), 128);
+  const Conv2dGeometry g = implicit_geometry(1, 40, 6, 6, 5, 2, 3, 1, 1, 1);
+  const std::vector<ConvSegment> rows = conv_implicit_segments(g);
+  ASSERT_EQ(rows.size(), 2u);
+  EXPECT_EQ(rows[1].kh, 1);
+  EXPECT_EQ(rows[1].taps, 3);
+  EXPECT_EQ(rows[1].k0, 128);
+  EXPECT_EQ(rows[1].bytes, 128);
   ASSERT_FALSE(conv_implicit_gathers_patches(g));
   ASSERT_FALSE(conv_implicit_weight_is_packed(g));
   ASSERT_EQ(conv_implicit_k(g), 2 * 128);
@@ -415,13 +422,13 @@ TEST(ConvImplicit, WeightLayouts) {
   }
   // One channel: the 9-byte patch (one k block) rather than three padded rows; C = 64: rows of
   // 64 bytes already. Both use the packed weight as it is.
-  const Conv2dGeometry g1 = stride1_geometry(1, 1, 6, 6, 8, 3, 3, 0, 0, 1);
+  const Conv2dGeometry g1 = implicit_geometry(1, 1, 6, 6, 8, 3, 3, 0, 0, 1);
   EXPECT_TRUE(conv_implicit_gathers_patches(g1));
   EXPECT_EQ(conv_implicit_k(g1), 64);
   EXPECT_TRUE(conv_implicit_weight_is_packed(g1));
   // 32 channels, 3x3: 5 patch k blocks against 6 padded-row ones is not worth the gather.
-  EXPECT_FALSE(conv_implicit_gathers_patches(stride1_geometry(1, 32, 6, 6, 8, 3, 3, 0, 0, 1)));
-  const Conv2dGeometry g64 = stride1_geometry(1, 64, 4, 4, 16, 3, 1, 0, 0, 1);
+  EXPECT_FALSE(conv_implicit_gathers_patches(implicit_geometry(1, 32, 6, 6, 8, 3, 3, 0, 0, 1)));
+  const Conv2dGeometry g64 = implicit_geometry(1, 64, 4, 4, 16, 3, 1, 0, 0, 1);
   EXPECT_FALSE(conv_implicit_gathers_patches(g64));
   EXPECT_TRUE(conv_implicit_weight_is_packed(g64));
   const int64_t k64 = g64.group_k();
@@ -431,6 +438,46 @@ TEST(ConvImplicit, WeightLayouts) {
   pack_weight(w64.data(), 16, k64, k64, p64.data(), sums64.data());
   pack_conv_weight_implicit(p64.data(), g64, s64.data());
   EXPECT_EQ(s64, p64);
+}
+
+TEST(ConvImplicit, StridedWeightLayout) {
+  // 3x3 over 40 channels, stride 2 across: per kernel row the taps kw = 0, 2 (80 bytes, padded to
+  // 128), then kw = 1 (40 bytes, padded to 64). 3 output channels.
+  const Conv2dGeometry g = implicit_geometry(1, 40, 9, 9, 3, 3, 3, 1, 1, 1, 2, 2);
+  const std::vector<ConvSegment> segments = conv_implicit_segments(g);
+  ASSERT_EQ(segments.size(), 6u);
+  const int64_t expected[6][5] = {{0, 0, 2, 0, 128},  {0, 1, 1, 128, 64},  {1, 0, 2, 192, 128},
+                                  {1, 1, 1, 320, 64}, {2, 0, 2, 384, 128}, {2, 1, 1, 512, 64}};
+  for (int i = 0; i < 6; ++i) {
+    const ConvSegment& s = segments[i];
+    EXPECT_EQ((std::vector<int64_t>{s.kh, s.phase, s.taps, s.k0, s.bytes}),
+              std::vector<int64_t>(expected[i], expected[i] + 5))
+        << "segment " << i;
+  }
+  ASSERT_FALSE(conv_implicit_gathers_patches(g));  // the 360-byte patch: 384 against 576
+  ASSERT_FALSE(conv_implicit_weight_is_packed(g));
+  ASSERT_EQ(conv_implicit_k(g), 576);
+  const int64_t k = g.group_k();
+  std::vector<int8_t> wg(static_cast<size_t>(3 * k));
+  for (size_t i = 0; i < wg.size(); ++i) wg[i] = static_cast<int8_t>(i % 253 - 126);
+  std::vector<int8_t> packed(packed_weight_bytes(3, k));
+  std::vector<int32_t> sums(3);
+  pack_weight(wg.data(), 3, k, k, packed.data(), sums.data());
+  std::vector<int8_t> implicit(packed_weight_bytes(3, 576), 0x55);
+  pack_conv_weight_implicit(packed.data(), g, implicit.data());
+  // Unpacked by hand: k = kh * 192 + b; b < 80: tap kw = 2 (b / 40), b in [128, 168): tap kw = 1.
+  for (int64_t n = 0; n < 16; ++n) {
+    for (int64_t kk = 0; kk < 576; ++kk) {
+      const int64_t kh = kk / 192, b = kk % 192;
+      int8_t want = 0;
+      if (n < 3 && b < 80) want = wg[n * k + (kh * 3 + 2 * (b / 40)) * 40 + b % 40];
+      if (n < 3 && b >= 128 && b < 168) want = wg[n * k + (kh * 3 + 1) * 40 + b - 128];
+      ASSERT_EQ(implicit[(kk / 4) * 64 + n * 4 + kk % 4], want) << "n " << n << " k " << kk;
+    }
+  }
+  // 1x1 stride 2 over 64 channels: one 64-byte segment, the packed weight itself.
+  EXPECT_TRUE(
+      conv_implicit_weight_is_packed(implicit_geometry(1, 64, 8, 8, 4, 1, 1, 0, 0, 1, 2, 2)));
 }
 
 TEST(ConvImplicit, AmxEqualsDirectConvolution) {
@@ -454,8 +501,8 @@ TEST(ConvImplicit, AmxEqualsDirectConvolution) {
       {1, 1, 9, 10, 20, 4, 4, 0, 1, 1, 2},   {1, 1, 12, 12, 8, 5, 5, 2, 2, 1, 4},
   };
   for (const Case& c : cases) {
-    const Conv2dGeometry g = stride1_geometry(c.batch, c.cin, c.h, c.w, c.cout, c.kh, c.kw, c.pad_h,
-                                              c.pad_w, c.dilation_h);
+    const Conv2dGeometry g = implicit_geometry(c.batch, c.cin, c.h, c.w, c.cout, c.kh, c.kw,
+                                               c.pad_h, c.pad_w, c.dilation_h);
     ASSERT_TRUE(conv_implicit_supported(g));
     modes.insert(conv_implicit_gathers_patches(g) ? 2 : g.in_channels % 64 == 0 ? 0 : 1);
     for (const bool signed_input : {false, true}) {
@@ -471,6 +518,48 @@ TEST(ConvImplicit, AmxEqualsDirectConvolution) {
   EXPECT_EQ(modes.size(), 3u) << "every way of reading A rows is covered";
 }
 
+TEST(ConvImplicit, StridedEqualsDirectConvolution) {
+  if (!isa_supported(Isa::kAmx)) GTEST_SKIP() << "no AMX";
+  std::mt19937 rng(6);
+  struct Case {
+    int64_t batch, cin, h, w, cout, kh, kw, pad_h, pad_w, dilation_h, stride_h, stride_w, chunk;
+  };
+  // Phase planes: 2x2 of 64 (aligned) and 32 channels, odd padded widths, stride only across or
+  // only down, 3x2, a kernel narrower than the stride (2x2 stride 3: planes of one tap), 1x1
+  // stride 2 (one plane in use), dilation 2 with stride 2 (one row phase in use). Patches: the 7x7
+  // stride-2 stem on 3 channels, one channel with the byte-permute gather (3x3 stride 2, 1x4
+  // stride 3) and with copies (5x5 stride 2).
+  const Case cases[] = {
+      {2, 64, 11, 12, 64, 3, 3, 1, 1, 1, 2, 2, 3}, {1, 32, 13, 9, 40, 3, 3, 1, 1, 1, 2, 2, 2},
+      {1, 24, 7, 15, 33, 3, 3, 0, 2, 1, 1, 2, 4},  {2, 48, 14, 6, 20, 3, 3, 1, 1, 1, 2, 1, 3},
+      {1, 40, 16, 17, 24, 3, 5, 2, 1, 1, 3, 2, 2}, {1, 72, 10, 10, 17, 2, 2, 0, 1, 1, 3, 3, 1},
+      {2, 64, 9, 9, 48, 1, 1, 0, 0, 1, 2, 2, 5},   {1, 64, 13, 12, 16, 3, 3, 2, 1, 2, 2, 2, 2},
+      {1, 3, 23, 21, 16, 7, 7, 3, 3, 1, 2, 2, 4},  {2, 1, 15, 16, 8, 3, 3, 1, 1, 1, 2, 2, 3},
+      {1, 1, 9, 22, 12, 1, 4, 0, 1, 1, 1, 3, 2},   {1, 1, 17, 15, 8, 5, 5, 2, 2, 1, 2, 2, 3},
+  };
+  std::set<std::string> modes;
+  for (const Case& c : cases) {
+    const Conv2dGeometry g =
+        implicit_geometry(c.batch, c.cin, c.h, c.w, c.cout, c.kh, c.kw, c.pad_h, c.pad_w,
+                          c.dilation_h, c.stride_h, c.stride_w);
+    ASSERT_TRUE(conv_implicit_supported(g));
+    modes.insert(conv_implicit_gathers_patches(g) ? (c.cin == 1 ? "one-channel patches" : "patches")
+                                                  : "planes");
+    for (const bool signed_input : {false, true}) {
+      SCOPED_TRACE(::testing::Message()
+                   << "cin " << c.cin << " " << c.h << "x" << c.w << " cout " << c.cout << " k "
+                   << c.kh << "x" << c.kw << " stride " << c.stride_h << "," << c.stride_w
+                   << " pad " << c.pad_h << "," << c.pad_w << " dil_h " << c.dilation_h << " int8 "
+                   << signed_input);
+      const QuantConv q = random_conv(g, /*channels_last=*/true, signed_input, rng);
+      const std::vector<uint8_t> expected = direct_conv(q);
+      EXPECT_EQ(implicit_conv(q, c.chunk), expected);
+      EXPECT_GT(std::set<uint8_t>(expected.begin(), expected.end()).size(), 8u);
+    }
+  }
+  EXPECT_EQ(modes.size(), 3u);
+}
+
 TEST(ConvImplicit, GroupedAsBlockDiagonalDenseEqualsDirectConvolution) {
   if (!isa_supported(Isa::kAmx)) GTEST_SKIP() << "no AMX";
   std::mt19937 rng(5);
@@ -483,7 +572,7 @@ TEST(ConvImplicit, GroupedAsBlockDiagonalDenseEqualsDirectConvolution) {
   };
   for (const Case& c : cases) {
     Conv2dGeometry g =
-        stride1_geometry(c.batch, c.cin, c.h, c.w, c.cout, c.kh, c.kw, c.pad, c.pad, 1);
+        implicit_geometry(c.batch, c.cin, c.h, c.w, c.cout, c.kh, c.kw, c.pad, c.pad, 1);
     g.groups = c.groups;
     for (const bool signed_input : {false, true}) {
       SCOPED_TRACE(::testing::Message() << "cin " << c.cin << " cout " << c.cout << " groups "
@@ -499,7 +588,7 @@ TEST(ConvImplicit, GroupedAsBlockDiagonalDenseEqualsDirectConvolution) {
 TEST(ConvImplicit, ExtremeLevelsAndRejections) {
   if (!isa_supported(Isa::kAmx)) GTEST_SKIP() << "no AMX";
   std::mt19937 rng(4);
-  const Conv2dGeometry g = stride1_geometry(1, 64, 10, 10, 32, 3, 3, 1, 1, 1);
+  const Conv2dGeometry g = implicit_geometry(1, 64, 10, 10, 32, 3, 3, 1, 1, 1);
   QuantConv q = random_conv(g, true, false, rng);
   // 255 inputs against -128 weights, zero point 0: the largest sums the exactness bound allows.
   std::fill(q.x.begin(), q.x.end(), 255);
@@ -514,10 +603,11 @@ TEST(ConvImplicit, ExtremeLevelsAndRejections) {
   std::vector<int32_t> sums(32);
   std::vector<FixedPointMultiplier> mult(32, FixedPointMultiplier{1 << 30, 0, 0});
   const RequantEpilogue ep{sums.data(), 0, nullptr, mult.data(), 0, 0, 255};
-  Conv2dGeometry strided = g;
-  strided.stride_h = 2;
-  EXPECT_FALSE(conv_implicit_supported(strided));
-  EXPECT_THROW(conv2d_implicit_u8s8(x.data(), strided, w.data(), ep, 0, 1, 1, 0, 0, y.data()),
+  Conv2dGeometry dilated = g;
+  dilated.dilation_w = 2;
+  dilated.out_w = 6;
+  EXPECT_FALSE(conv_implicit_supported(dilated));
+  EXPECT_THROW(conv2d_implicit_u8s8(x.data(), dilated, w.data(), ep, 0, 1, 1, 0, 0, y.data()),
                std::invalid_argument);
   EXPECT_THROW(conv2d_implicit_u8s8(x.data(), g, w.data(), ep, 0, 11, 4, 0, 0, y.data()),
                std::invalid_argument);  // 10 output rows

@@ -160,8 +160,12 @@ CONV_CASES = [
     (2, 64, 9, 11, 40, 3, 1, 1, 1, 1),
     (1, 32, 12, 12, 64, 3, 1, 0, 1, 1),
     (1, 100, 6, 6, 20, 3, 1, 1, 1, 1),
+    # strided on AMX: the implicit GEMM reading A rows from phase planes, from per-pixel patches (a
+    # 7x7 stride-2 stem)
+    (2, 64, 15, 13, 48, 3, 2, 1, 1, 1),
+    (1, 3, 30, 30, 16, 7, 2, 3, 1, 1),
     # grouped, on AMX (enough output pixels) the one-group convolution with a block-diagonal weight:
-    # implicit (stride 1) and im2col (stride 2, dilation 2)
+    # implicit (stride 1, stride 2) and im2col (dilation 2)
     (2, 64, 12, 12, 64, 3, 1, 1, 1, 4),
     (1, 64, 24, 24, 96, 3, 2, 1, 1, 32),
     (1, 30, 16, 16, 20, 3, 1, 2, 2, 10),

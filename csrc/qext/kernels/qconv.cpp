@@ -145,25 +145,49 @@ void depthwise_conv2d_u8s8(Isa isa, const uint8_t* x, const Conv2dGeometry& g, c
   }
 }
 
-bool conv_implicit_supported(const Conv2dGeometry& g) {
-  return g.groups == 1 && g.stride_h == 1 && g.stride_w == 1 && g.dilation_w == 1;
+bool conv_implicit_supported(const Conv2dGeometry& g) { return g.groups == 1 && g.dilation_w == 1; }
+
+std::vector<ConvSegment> conv_implicit_segments(const Conv2dGeometry& g) {
+  const int64_t C = g.in_channels / g.groups, phases = std::min(g.stride_w, g.kernel_w);
+  std::vector<ConvSegment> segments;
+  int64_t k0 = 0;
+  for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
+    for (int64_t phase = 0; phase < phases; ++phase) {
+      const int64_t taps = (g.kernel_w - phase + g.stride_w - 1) / g.stride_w;
+      const auto bytes = static_cast<int64_t>(packed_k(taps * C));
+      segments.push_back({kh, phase, taps, k0, bytes});
+      k0 += bytes;
+    }
+  }
+  return segments;
 }
 
-int64_t conv_span_bytes(const Conv2dGeometry& g) {
-  return packed_k(g.kernel_w * (g.in_channels / g.groups));
+namespace {
+
+int64_t segments_k(const Conv2dGeometry& g) {
+  const std::vector<ConvSegment> segments = conv_implicit_segments(g);
+  return segments.empty() ? 0 : segments.back().k0 + segments.back().bytes;
 }
+
+}  // namespace
 
 bool conv_implicit_gathers_patches(const Conv2dGeometry& g) {
-  return 2 * packed_k(g.group_k()) <= g.kernel_h * conv_span_bytes(g);
+  return 2 * packed_k(g.group_k()) <= segments_k(g);
 }
 
 int64_t conv_implicit_k(const Conv2dGeometry& g) {
-  return conv_implicit_gathers_patches(g) ? packed_k(g.group_k()) : g.kernel_h * conv_span_bytes(g);
+  return conv_implicit_gathers_patches(g) ? packed_k(g.group_k()) : segments_k(g);
+}
+
+int64_t conv_implicit_row_pixels(const Conv2dGeometry& g) {
+  return conv_implicit_gathers_patches(g) ? g.out_w
+                                          : (g.in_w + 2 * g.pad_w + g.stride_w - 1) / g.stride_w;
 }
 
 bool conv_implicit_weight_is_packed(const Conv2dGeometry& g) {
+  const bool one_segment_per_row = g.stride_w == 1 || g.kernel_w == 1;
   return conv_implicit_gathers_patches(g) ||
-         g.kernel_w * (g.in_channels / g.groups) == conv_span_bytes(g);
+         (one_segment_per_row && g.kernel_w * (g.in_channels / g.groups) % kPackK == 0);
 }
 
 namespace {
@@ -194,28 +218,39 @@ void pack_grouped_weight_dense(const int8_t* grouped, const Conv2dGeometry& g, i
 }
 
 void pack_conv_weight_implicit(const int8_t* packed, const Conv2dGeometry& g, int8_t* out) {
-  const int64_t N = g.out_channels, K = g.group_k(), row = g.kernel_w * g.in_channels;
-  const int64_t span = conv_span_bytes(g), K_spans = conv_implicit_k(g);
+  const int64_t N = g.out_channels, K = g.group_k(), C = g.in_channels;
   if (conv_implicit_weight_is_packed(g)) {
     std::memcpy(out, packed, packed_weight_bytes(N, K));
     return;
   }
-  std::memset(out, 0, packed_weight_bytes(N, K_spans));
-  const int64_t blocks = (N + kPackN - 1) / kPackN;
-  for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
-    if (row % 4 == 0) {  // whole 4-k groups of all 16 columns of a block move as 64 bytes
-      for (int64_t b = 0; b < blocks; ++b) {
-        for (int64_t k = 0; k < row; k += 4) {
-          std::memcpy(out + packed_index(b * kPackN, kh * span + k, K_spans),
-                      packed + packed_index(b * kPackN, kh * row + k, K), 4 * kPackN);
+  const int64_t K_implicit = conv_implicit_k(g);
+  std::memset(out, 0, packed_weight_bytes(N, K_implicit));
+  const int64_t columns = (N + kPackN - 1) / kPackN * kPackN;
+  // Moves the `bytes` k from src_k on of every column to dst_k on.
+  auto move = [&](int64_t dst_k, int64_t src_k, int64_t bytes) {
+    if (bytes % 4 == 0 && src_k % 4 == 0) {  // whole 4-k groups of a block's 16 columns: 64 bytes
+      for (int64_t n = 0; n < columns; n += kPackN) {
+        for (int64_t k = 0; k < bytes; k += 4) {
+          std::memcpy(out + packed_index(n, dst_k + k, K_implicit),
+                      packed + packed_index(n, src_k + k, K), 4 * kPackN);
         }
       }
+      return;
+    }
+    for (int64_t n = 0; n < columns; ++n) {
+      for (int64_t k = 0; k < bytes; ++k) {
+        out[packed_index(n, dst_k + k, K_implicit)] = packed[packed_index(n, src_k + k, K)];
+      }
+    }
+  };
+  for (const ConvSegment& s : conv_implicit_segments(g)) {
+    const int64_t row_k = s.kh * g.kernel_w * C;  // the GEMM's k of the kernel row's first tap
+    if (g.stride_w == 1) {                        // the row's taps are one run in both layouts
+      move(s.k0, row_k, s.taps * C);
       continue;
     }
-    for (int64_t n = 0; n < blocks * kPackN; ++n) {
-      for (int64_t k = 0; k < row; ++k) {
-        out[packed_index(n, kh * span + k, K_spans)] = packed[packed_index(n, kh * row + k, K)];
-      }
+    for (int64_t t = 0; t < s.taps; ++t) {
+      move(s.k0 + t * C, row_k + (s.phase + t * g.stride_w) * C, C);
     }
   }
 }
@@ -227,7 +262,8 @@ void conv2d_implicit(const uint8_t* x, const Conv2dGeometry& g, const int8_t* we
                      const Epilogue& ep, int64_t row_begin, int64_t row_end, int64_t piece_rows,
                      uint8_t pad_value, uint8_t flip, Out* y) {
   if (!conv_implicit_supported(g)) {
-    throw std::invalid_argument("conv2d_implicit_u8s8: needs stride 1, dilation_w 1 and one group");
+    throw std::invalid_argument("conv2d_implicit_u8s8: needs dilation_w 1 and one group, got " +
+                                std::to_string(g.dilation_w) + " and " + std::to_string(g.groups));
   }
   if (!isa_supported(Isa::kAmx)) {
     throw std::invalid_argument("conv2d_implicit_u8s8: AMX is not available on this CPU");

@@ -12,6 +12,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "qext/kernels/qgemm.h"
 
@@ -49,41 +50,59 @@ void conv_weight_to_gemm(const int8_t* w, const Conv2dGeometry& g, int64_t group
 // ---------------------------------------------------------------------------------------------
 // Implicit-GEMM convolution (AMX): the GEMM of im2col_u8 + qgemm_u8s8 without the im2col copy.
 // The input rows that output rows [oh0, oh1) of image n need are copied once, zero-padded (pad =
-// the zero point) and flipped, into a per-thread buffer of padded width Wp = in_w + 2 pad_w. There
-// the kernel_w taps of kernel row kh of output pixel (oh, ow) are kernel_w * C contiguous bytes at
-// ((v + kh * dilation_h * Wp) * C), v = (oh - oh0) * Wp + ow: a fixed offset from the "virtual
-// pixel" v, so A tiles (16 consecutive v) load from the buffer without an im2col. The v with
-// ow >= out_w are computed and dropped (out_w / Wp of the tile work is used).
-// Each kernel row's kernel_w * C weight bytes are padded to conv_span_bytes(g), a multiple of 64,
-// so that no 64-byte k block straddles two kernel rows; the A bytes facing the zero weights of
-// that padding are real (neighbouring) input levels and contribute nothing. When whole patches
+// the zero point) and flipped, into a per-thread buffer, padded rows Wp = in_w + 2 pad_w wide.
+// At stride 1 the kernel_w taps of kernel row kh of output pixel (oh, ow) are there kernel_w * C
+// contiguous bytes at ((v + kh * dilation_h * Wp) * C), v = (oh - oh0) * Wp + ow: a fixed offset
+// from the "virtual pixel" v, so A tiles (16 consecutive v) load from the buffer without an
+// im2col. The v with ow >= out_w are computed and dropped (out_w / Wp of the tile work is used).
+// A strided convolution splits the padded rows into stride_h x stride_w phase planes (rows i with
+// i % stride_h = ph, of them the columns q with q % stride_w = pw), ceil(Wp / stride_w) columns
+// wide: the taps kw = pw, pw + stride_w, ... of kernel row kh of consecutive output pixels are
+// then again contiguous, at a fixed offset from the virtual pixel in plane ((kh * dilation_h) %
+// stride_h, pw). Each such run of taps (a segment, below) is padded in the weight to a multiple of
+// 64 bytes, so that no 64-byte k block straddles two of them; the A bytes facing the zero weights
+// of that padding are real (neighbouring) input levels and contribute nothing. When whole patches
 // need at most half as many k blocks (conv_implicit_gathers_patches: small kernel_w * C, e.g. a
-// first layer on 1 or 3 channels), each virtual pixel's (kh, kw, c) patch is gathered instead and
-// the weight is the packed GEMM weight itself.
+// first layer on 1 or 3 channels, or the 7x7 stride-2 stem), each output pixel's (kh, kw, c) patch
+// is gathered instead (no dropped pixels) and the weight is the packed GEMM weight itself.
 // ---------------------------------------------------------------------------------------------
 
-// Whether conv2d_implicit_u8s8 handles g: stride 1, dilation_w 1, one group.
+// Whether conv2d_implicit_u8s8 handles g: one group, dilation_w 1 (any stride, dilation_h,
+// padding).
 bool conv_implicit_supported(const Conv2dGeometry& g);
 
-// kernel_w * in_channels rounded up to a multiple of kPackK: one padded kernel row.
-int64_t conv_span_bytes(const Conv2dGeometry& g);
+// A run of the implicit weight's k axis (without patches): kernel row kh's taps kw = phase, phase
+// + stride_w, ... (`taps` of them, in_channels bytes each, in (kw, c) order), then zeros up to
+// `bytes`, a multiple of 64. The weight holds the segments of kernel row 0 (phase 0, 1, ..,
+// min(stride_w, kernel_w) - 1), then row 1, ...; at stride_w 1 a segment is a whole kernel row.
+struct ConvSegment {
+  int64_t kh, phase, taps;
+  int64_t k0;     // first k of the segment
+  int64_t bytes;  // packed_k(taps * in_channels)
+};
+std::vector<ConvSegment> conv_implicit_segments(const Conv2dGeometry& g);
 
-// Whether whole patches take at most half the k blocks of the padded kernel rows. The gather costs
-// about as much as a few k blocks of tile work per pixel (measured on 3x3 convolutions: with C =
-// 8 .. 96 channels, 2 .. 14 patch k blocks against 3 .. 15, reading the rows in place was 5-15%
-// faster; with C = 1 or 3, 1 against 3, gathering was 25-30% faster).
+// Whether whole patches take at most half the k blocks of the segments. The gather costs about as
+// much as a few k blocks of tile work per pixel (measured on 3x3 convolutions: with C = 8 .. 96
+// channels, 2 .. 14 patch k blocks against 3 .. 15, reading the rows in place was 5-15% faster;
+// with C = 1 or 3, 1 against 3, gathering was 25-30% faster).
 bool conv_implicit_gathers_patches(const Conv2dGeometry& g);
 
 // The GEMM K of conv2d_implicit_u8s8's weight: packed_k(group_k()) when it gathers patches, else
-// kernel_h * conv_span_bytes(g).
+// the segments' total bytes.
 int64_t conv_implicit_k(const Conv2dGeometry& g);
 
+// Virtual pixels per output row (the GEMM rows a piece of output rows takes): out_w when it
+// gathers patches, else the planes' width ceil((in_w + 2 pad_w) / stride_w).
+int64_t conv_implicit_row_pixels(const Conv2dGeometry& g);
+
 // True when that weight is byte for byte the packed GEMM weight of conv_weight_to_gemm +
-// pack_weight (patches, or kernel rows already a multiple of 64 bytes): no repacking needed.
+// pack_weight (patches, or one segment per kernel row already a multiple of 64 bytes): no
+// repacking needed.
 bool conv_implicit_weight_is_packed(const Conv2dGeometry& g);
 
-// conv2d_implicit_u8s8's weight from the packed GEMM weight (K = group_k()): each kernel row
-// zero-padded to conv_span_bytes(g), or a copy when conv_implicit_weight_is_packed(g). out holds
+// conv2d_implicit_u8s8's weight from the packed GEMM weight (K = group_k()): the taps rearranged
+// into the zero-padded segments, or a copy when conv_implicit_weight_is_packed(g). out holds
 // packed_weight_bytes(out_channels, conv_implicit_k(g)).
 void pack_conv_weight_implicit(const int8_t* packed, const Conv2dGeometry& g, int8_t* out);
 

@@ -3,12 +3,13 @@
 //
 // One call sets up the epilogue panels (one per 32-column stripe of the weight), the k-block
 // offsets and the tiles once, then runs its output rows in pieces (ImplicitConv::run_piece): copy
-// the piece's padded input rows into the per-thread buffer (and, for small kernel_w * C, gather
-// each virtual pixel's whole patch: see Rows), then for each stripe (kept in L1) run the 32-row
-// blocks of virtual pixels through the tile unit (amx_tiles.h), each block's sums stored to one of
-// two scratch blocks; the AVX-512 epilogue (epilogue_avx512.h) of a block runs in slices between
-// the next block's tile instructions, and writes only the pixels with ow < out_w. Between the
-// tile instructions the next piece's input rows are prefetched too.
+// the piece's padded input rows into the per-thread buffer (split into phase planes when strided;
+// for small kernel_w * C, each output pixel's whole patch gathered from them: see Rows), then for
+// each stripe (kept in L1) run the 32-row blocks of virtual pixels through the tile unit
+// (amx_tiles.h), each block's sums stored to one of two scratch blocks; the AVX-512 epilogue
+// (epilogue_avx512.h) of a block runs in slices between the next block's tile instructions, and
+// writes only the pixels with ow < out_w. Between the tile instructions the next piece's input rows
+// are prefetched too.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -28,35 +29,27 @@ using namespace amx;  // NOLINT(google-build-using-namespace): the shared tile h
 
 // How the A tiles find the rows of virtual pixels (one row per pixel, `stride` bytes apart).
 enum class Rows {
-  kInPlace,  // straight from the padded rows, in x itself or the copy (stride C). With C % 64 != 0
-             // many rows straddle cache lines; aligned copies of them were measured slower.
+  kPlanes,   // straight from the padded input rows, split by stride into phase planes (stride C):
+             // plane (ph, pw) holds the padded rows i = ph (mod stride_h) and, of each, the
+             // columns q = pw (mod stride_w), so that the taps of one segment (qconv.h) of
+             // consecutive output pixels lie at a fixed offset, C bytes apart. At stride 1 the one
+             // plane is the padded rows themselves (read in x itself when nothing pads them). With
+             // C % 64 != 0 many rows straddle cache lines; aligned copies of them were measured
+             // slower.
   kPatches,  // each pixel's whole (kh, kw, c) patch gathered (stride packed_k(group_k)): at most
-             // half the k blocks of padded kernel rows (small kernel_w * C)
+             // half the k blocks of the segments (small kernel_w * C, e.g. a first layer); the
+             // virtual pixels are the output pixels themselves (row_pixels = out_w)
 };
 
-// Sizes of the per-thread buffer regions for a piece of `out_rows` output rows.
+// Sizes of a piece of `out_rows` output rows in the per-thread buffer.
 struct PieceLayout {
-  int64_t rows;        // virtual pixels v in [0, rows): the last one is the last real output pixel
-  int64_t blocks;      // 32-pixel blocks covering them
-  int64_t in_rows;     // padded input rows the piece reads
-  int64_t data_bytes;  // bytes of those rows
-  int64_t padded_bytes;  // bytes read from the padded rows (a copy is zeroed past the data)
-  int64_t gathered_bytes;
-
-  PieceLayout(const Conv2dGeometry& g, Rows mode, int64_t K, int64_t out_rows) {
-    const int64_t Wp = g.in_w + 2 * g.pad_w, C = g.in_channels;
-    const int64_t halo = (g.kernel_h - 1) * g.dilation_h;  // extra input rows below the outputs
-    rows = (out_rows - 1) * Wp + g.out_w;
-    blocks = (rows + kBlockM - 1) / kBlockM;
-    in_rows = out_rows + halo;
-    data_bytes = in_rows * Wp * C;
-    // Pixels whose spans can be read: blocks * 32 virtual pixels and the kernel rows below them;
-    // the padded input is read up to the last span of those pixels.
-    const int64_t pixels = blocks * kBlockM + halo * Wp;
-    padded_bytes = std::max(data_bytes, (pixels - 1) * C + conv_span_bytes(g));
-    // Gathered patches; a patch's last copy may run up to span bytes past its slot.
-    gathered_bytes = mode == Rows::kPatches ? blocks * kBlockM * K + conv_span_bytes(g) : 0;
-  }
+  int64_t rows;            // virtual pixels v in [0, rows): the last one is the last real pixel
+  int64_t blocks;          // 32-pixel blocks covering them
+  int64_t in_rows;         // padded input rows the piece reads
+  int64_t plane_rows;      // rows of each phase plane
+  int64_t data_bytes;      // bytes the input copy writes (up to the last plane's last row)
+  int64_t read_bytes;      // bytes the tile loads / the gather read from there (zeroed past data)
+  int64_t gathered_bytes;  // kPatches: the gathered patches
 };
 
 // One call: the per-column epilogue panels, the k-block offsets and the tile configuration are set
@@ -71,32 +64,53 @@ class ImplicitConv {
         weight_(weight),
         flip_(flip),
         pad_(pad_value ^ flip),
+        C_(g.in_channels),
         Wp_(g.in_w + 2 * g.pad_w),
+        halo_((g.kernel_h - 1) * g.dilation_h),
         K_(conv_implicit_k(g)),
         kblocks_(K_ / kTileRowBytes),
-        mode_(conv_implicit_gathers_patches(g) ? Rows::kPatches : Rows::kInPlace),
-        stride_(mode_ == Rows::kInPlace ? g.in_channels : K_),
-        largest_(g, mode_, K_, piece_rows),
-        next_input_(x, g.in_w * g.in_channels, g.in_w * g.in_channels) {
+        mode_(conv_implicit_gathers_patches(g) ? Rows::kPatches : Rows::kPlanes),
+        phases_h_(mode_ == Rows::kPlanes ? g.stride_h : 1),
+        phases_w_(mode_ == Rows::kPlanes ? g.stride_w : 1),
+        plane_w_((Wp_ + phases_w_ - 1) / phases_w_),
+        row_pixels_(conv_implicit_row_pixels(g)),
+        stride_(mode_ == Rows::kPlanes ? C_ : K_),
+        next_input_(x, g.in_w * C_, g.in_w * C_) {
     const int64_t OC = g.out_channels;
     for (int64_t n0 = 0; n0 < OC; n0 += kBlockN) {
       panels_.emplace_back(ep, n0, OC, OC - n0 > kPackN ? 2 : 1, y + n0, OC);
     }
-    // Offset of k block kb from a pixel's row: kernel row kh = kb / span_blocks, 64-byte piece j
-    // of its span (kInPlace), or simply the kb-th piece of the patch.
-    const int64_t span_blocks = conv_span_bytes(g) / kTileRowBytes;
-    k_offsets_.resize(static_cast<size_t>(kblocks_));
-    for (int64_t kb = 0; kb < kblocks_; ++kb) {
-      k_offsets_[kb] = mode_ == Rows::kPatches ? kb * kTileRowBytes
-                                               : (kb / span_blocks) * g.dilation_h * Wp_ * stride_ +
-                                                     (kb % span_blocks) * kTileRowBytes;
+    // The planes in use (those of the segments' row and column phases) are numbered in order and
+    // lie plane_bytes_ apart, sized for the largest piece, so that the k-block offsets hold for
+    // every piece: segment (kh, pw) starts in plane ((kh * dilation_h) % stride_h, pw) at its row
+    // (kh * dilation_h) / stride_h; patches simply hold the k blocks in order.
+    const int64_t largest_in_rows = (piece_rows - 1) * g.stride_h + halo_ + 1;
+    plane_bytes_ = (largest_in_rows + phases_h_ - 1) / phases_h_ * plane_w_ * C_;
+    plane_of_.assign(static_cast<size_t>(phases_h_ * phases_w_), -1);
+    if (mode_ == Rows::kPatches) {
+      plane_of_[0] = planes_++;
+      for (int64_t kb = 0; kb < kblocks_; ++kb) k_offsets_.push_back(kb * kTileRowBytes);
+    } else {
+      const std::vector<ConvSegment> segments = conv_implicit_segments(g);
+      auto phase_of = [&](const ConvSegment& s) {
+        return (s.kh * g.dilation_h) % phases_h_ * phases_w_ + s.phase;
+      };
+      for (const ConvSegment& s : segments) plane_of_[phase_of(s)] = 0;
+      for (int64_t& plane : plane_of_) plane = plane == 0 ? planes_++ : -1;
+      for (const ConvSegment& s : segments) {
+        const int64_t base =
+            plane_of_[phase_of(s)] * plane_bytes_ + s.kh * g.dilation_h / phases_h_ * plane_w_ * C_;
+        for (int64_t b = 0; b < s.bytes; b += kTileRowBytes) k_offsets_.push_back(base + b);
+      }
     }
+    max_k_offset_ = *std::max_element(k_offsets_.begin(), k_offsets_.end());
+    const PieceLayout largest = layout(piece_rows);
     uint8_t* const work = work_buffer(
-        static_cast<size_t>(kScratchBytes + largest_.gathered_bytes + largest_.padded_bytes));
+        static_cast<size_t>(kScratchBytes + largest.gathered_bytes + largest.read_bytes));
     scratch_[0] = reinterpret_cast<int32_t*>(work);
     scratch_[1] = scratch_[0] + kBlockM * kBlockN;
     gathered_ = work + kScratchBytes;  // 64-byte aligned: kScratchBytes is 8 KiB
-    xp_ = gathered_ + largest_.gathered_bytes;
+    xp_ = gathered_ + largest.gathered_bytes;
     configure_tiles();
   }
   ~ImplicitConv() { _tile_release(); }
@@ -109,10 +123,10 @@ class ImplicitConv {
   // faster).
   void run_piece(int64_t n, int64_t oh0, int64_t oh1, int64_t prefetch_begin,
                  int64_t prefetch_end) {
-    const PieceLayout piece(g_, mode_, K_, oh1 - oh0);
-    const uint8_t* const padded = padded_rows(n, oh0, piece);
-    if (mode_ == Rows::kPatches) gather_patches(padded, piece);
-    const uint8_t* const a = mode_ == Rows::kInPlace ? padded : gathered_;
+    const PieceLayout piece = layout(oh1 - oh0);
+    const uint8_t* const padded = input_planes(n, oh0, piece);
+    if (mode_ == Rows::kPatches) gather_patches(padded, oh1 - oh0, piece);
+    const uint8_t* const a = mode_ == Rows::kPlanes ? padded : gathered_;
     const int64_t* const koff = k_offsets_.data();
     const int64_t K = K_, kblocks = kblocks_, stride = stride_, rows = piece.rows;
     const int64_t b_block_bytes = static_cast<int64_t>(packed_block_offset(kPackN, K));
@@ -123,12 +137,12 @@ class ImplicitConv {
     auto finish = [&](const Panel& panel, const int32_t* acc, int64_t v0, int64_t from,
                       int64_t to) {
       for (int64_t v = from; v < to;) {
-        const int64_t r = v / Wp_, ow = v % Wp_;
+        const int64_t r = v / row_pixels_, ow = v % row_pixels_;
         if (ow >= g_.out_w) {
-          v = (r + 1) * Wp_;
+          v = (r + 1) * row_pixels_;
           continue;
         }
-        const int64_t run = std::min(to, r * Wp_ + g_.out_w) - v;
+        const int64_t run = std::min(to, r * row_pixels_ + g_.out_w) - v;
         const int64_t pixel = (n * g_.out_h + oh0 + r) * g_.out_w + ow;
         panel.store_rows(pixel, run, acc + (v - v0) * kBlockN, kBlockN);
         v += run;
@@ -173,38 +187,101 @@ class ImplicitConv {
  private:
   static constexpr int64_t kScratchBytes = 2 * kBlockM * kBlockN * sizeof(int32_t);
 
-  // The piece's padded rows: padded row r is input row oh0 + r - pad_h (pad_value outside the
-  // image); the bytes past the rows only ever meet zero weights or dropped pixels. Read in x itself
-  // when nothing pads or flips them and the reads stay inside x (bytes past the rows: later rows of
-  // x); else copied to the buffer (bytes past the rows zeroed: no stale data read).
-  const uint8_t* padded_rows(int64_t n, int64_t oh0, const PieceLayout& piece) {
-    const int64_t C = g_.in_channels, row_bytes = g_.in_w * C, side = g_.pad_w * C;
-    const int64_t start = (n * g_.in_h + oh0) * row_bytes;
-    if (g_.pad_h == 0 && g_.pad_w == 0 && flip_ == 0 &&
-        start + piece.padded_bytes <= g_.batch * g_.in_h * row_bytes) {
+  PieceLayout layout(int64_t out_rows) const {
+    PieceLayout p{};
+    p.rows = (out_rows - 1) * row_pixels_ + g_.out_w;
+    p.blocks = (p.rows + kBlockM - 1) / kBlockM;
+    p.in_rows = (out_rows - 1) * g_.stride_h + halo_ + 1;
+    p.plane_rows = (p.in_rows + phases_h_ - 1) / phases_h_;
+    p.data_bytes = (planes_ - 1) * plane_bytes_ + p.plane_rows * plane_w_ * C_;
+    if (mode_ == Rows::kPlanes) {
+      // The last k block of the last virtual pixel.
+      p.read_bytes =
+          std::max(p.data_bytes, max_k_offset_ + (p.blocks * kBlockM - 1) * C_ + kTileRowBytes);
+    } else {
+      // A kernel row's copy reads up to 15 bytes past it, the one-channel gather up to 3 pixels
+      // (3 * stride_w <= 12 bytes) past a row's last pixel too.
+      p.read_bytes = p.data_bytes + kTileRowBytes;
+      // The one-channel gather writes up to 3 patches past the last pixel, a patch's last copy up
+      // to 15 bytes past its slot.
+      p.gathered_bytes = (p.blocks * kBlockM + 3) * K_ + kTileRowBytes;
+    }
+    return p;
+  }
+
+  // The piece's input: padded row i (input row oh0 * stride_h - pad_h + i, pad_value outside the
+  // image; pad_value columns either side) goes to row i / stride_h of the planes (i % stride_h, pw)
+  // in use (kPlanes; one plane at stride 1 and for kPatches). Read in x itself when nothing pads or
+  // flips the rows, they need no splitting and the reads stay inside x (bytes past the rows: later
+  // rows of x); else copied to the buffer, and the bytes read past the data zeroed (no stale or
+  // uninitialised bytes read: they only ever meet zero weights or dropped pixels).
+  const uint8_t* input_planes(int64_t n, int64_t oh0, const PieceLayout& piece) {
+    const int64_t C = C_, row_bytes = g_.in_w * C, first = oh0 * g_.stride_h - g_.pad_h;
+    const int64_t start = (n * g_.in_h + first) * row_bytes;
+    if (g_.pad_h == 0 && g_.pad_w == 0 && flip_ == 0 && phases_h_ * phases_w_ == 1 &&
+        start + piece.read_bytes <= g_.batch * g_.in_h * row_bytes) {
       return x_ + start;
     }
-    for (int64_t r = 0; r < piece.in_rows; ++r) {
-      uint8_t* dst = xp_ + r * Wp_ * C;
-      const int64_t ih = oh0 + r - g_.pad_h;
-      if (ih < 0 || ih >= g_.in_h) {
-        std::memset(dst, pad_, static_cast<size_t>(Wp_ * C));
-        continue;
+    const int64_t plane_row_bytes = plane_w_ * C;
+    for (int64_t i = 0; i < piece.in_rows; ++i) {
+      const int64_t ih = first + i;
+      const uint8_t* src = ih >= 0 && ih < g_.in_h ? x_ + (n * g_.in_h + ih) * row_bytes : nullptr;
+      for (int64_t pw = 0; pw < phases_w_; ++pw) {
+        const int64_t plane = plane_of_[i % phases_h_ * phases_w_ + pw];
+        if (plane < 0) continue;
+        uint8_t* dst = xp_ + plane * plane_bytes_ + i / phases_h_ * plane_row_bytes;
+        if (src == nullptr) {
+          std::memset(dst, pad_, static_cast<size_t>(plane_row_bytes));
+        } else if (phases_w_ == 1) {
+          const int64_t side = g_.pad_w * C;
+          std::memset(dst, pad_, static_cast<size_t>(side));
+          copy_flip(dst + side, src, row_bytes, flip_);
+          std::memset(dst + side + row_bytes, pad_, static_cast<size_t>(side));
+        } else {
+          copy_column_phase(dst, src, pw);
+        }
       }
-      std::memset(dst, pad_, static_cast<size_t>(side));
-      copy_flip(dst + side, x_ + (n * g_.in_h + ih) * row_bytes, row_bytes, flip_);
-      std::memset(dst + side + row_bytes, pad_, static_cast<size_t>(side));
     }
-    std::memset(xp_ + piece.data_bytes, 0,
-                static_cast<size_t>(piece.padded_bytes - piece.data_bytes));
+    // A short piece leaves a gap after each plane's rows; the bytes past the last one are read too.
+    const int64_t plane_data = piece.plane_rows * plane_row_bytes;
+    for (int64_t plane = 0; plane + 1 < planes_; ++plane) {
+      fill_bytes(xp_ + plane * plane_bytes_ + plane_data, 0, plane_bytes_ - plane_data);
+    }
+    fill_bytes(xp_ + piece.data_bytes, 0, piece.read_bytes - piece.data_bytes);
     return xp_;
   }
 
-  void gather_patches(const uint8_t* padded, const PieceLayout& piece) {
-    // Each kernel row copies its row_taps bytes rounded up to 16 (at most span: the bytes past
-    // row_taps are overwritten by the next kernel row or meet zero weights), not the whole span: a
+  // Plane row of column phase pw from input row src: plane column j is padded column
+  // j * stride_w + pw, i.e. input column j * stride_w + pw - pad_w (pad_ outside the row).
+  void copy_column_phase(uint8_t* dst, const uint8_t* src, int64_t pw) const {
+    const int64_t C = C_, sw = g_.stride_w;
+    auto first_at_or_after = [&](int64_t q) {  // first column j with j * sw + pw - pad_w >= q
+      return std::clamp<int64_t>((q + g_.pad_w - pw + sw - 1) / sw, 0, plane_w_);
+    };
+    const int64_t lo = first_at_or_after(0), hi = std::max(lo, first_at_or_after(g_.in_w));
+    fill_bytes(dst, pad_, lo * C);
+    const uint8_t* s = src + (lo * sw + pw - g_.pad_w) * C;
+    if (C % kTileRowBytes == 0) {  // whole vectors per pixel (e.g. 64 channels: one)
+      const __m512i flip = _mm512_set1_epi8(static_cast<char>(flip_));
+      for (int64_t j = lo; j < hi; ++j, s += sw * C) {
+        for (int64_t b = 0; b < C; b += kTileRowBytes) {
+          _mm512_storeu_si512(dst + j * C + b, _mm512_xor_si512(_mm512_loadu_si512(s + b), flip));
+        }
+      }
+    } else {
+      for (int64_t j = lo; j < hi; ++j, s += sw * C) copy_flip(dst + j * C, s, C, flip_);
+    }
+    fill_bytes(dst + hi * C, pad_, (plane_w_ - hi) * C);
+  }
+
+  // Patch of output pixel v = r * out_w + ow: kernel row kh at padded row r * stride_h + kh *
+  // dilation_h, column ow * stride_w (kernel_w * C contiguous bytes). The patches of the pixels
+  // past the last, up to the block end, are zeroed.
+  void gather_patches(const uint8_t* padded, int64_t out_rows, const PieceLayout& piece) {
+    // Each kernel row copies its row_taps bytes rounded up to 16 (the bytes past row_taps are
+    // overwritten by the next kernel row or the next patch, or meet zero weights), not more: a
     // first layer's 3-byte rows would cost a 64-byte copy each.
-    const int64_t row_taps = g_.kernel_w * g_.in_channels;
+    const int64_t row_taps = g_.kernel_w * C_;
     const int64_t copy_bytes = (row_taps + 15) / 16 * 16;
     auto copy_row = [copy_bytes](uint8_t* dst, const uint8_t* src) {
       int64_t b = 0;
@@ -222,18 +299,21 @@ class ImplicitConv {
       }
     };
     // Locals: the byte stores could alias the members, which would reload them in the loop.
-    const int64_t C = g_.in_channels, K = K_, kernel_h = g_.kernel_h;
-    const int64_t row_step = g_.dilation_h * Wp_ * C, pixels = piece.blocks * kBlockM;
+    const int64_t C = C_, K = K_, kernel_h = g_.kernel_h, out_w = g_.out_w;
+    const int64_t row_step = g_.dilation_h * Wp_ * C, pixel_step = g_.stride_w * C;
+    const int64_t out_row_step = g_.stride_h * Wp_ * C;
     uint8_t* const gathered = gathered_;
     auto gather = [&](auto copy) {
-      for (int64_t v = 0; v < pixels; ++v) {
-        const uint8_t* src = padded + v * C;
-        uint8_t* dst = gathered + v * K;
-        for (int64_t kh = 0; kh < kernel_h; ++kh) copy(dst + kh * row_taps, src + kh * row_step);
+      for (int64_t r = 0; r < out_rows; ++r) {
+        const uint8_t* src = padded + r * out_row_step;
+        uint8_t* dst = gathered + r * out_w * K;
+        for (int64_t ow = 0; ow < out_w; ++ow, src += pixel_step, dst += K) {
+          for (int64_t kh = 0; kh < kernel_h; ++kh) copy(dst + kh * row_taps, src + kh * row_step);
+        }
       }
     };
-    if (C == 1 && kernel_h <= 4 && kernel_h * row_taps <= 16 && row_taps <= 13) {
-      gather_one_channel(padded, row_taps, row_step, pixels);
+    if (C == 1 && kernel_h <= 4 && kernel_h * row_taps <= 16 && 3 * g_.stride_w + row_taps <= 16) {
+      gather_one_channel(padded, out_rows, row_taps, row_step, out_row_step);
     } else if (copy_bytes == 16) {  // first layers (C <= 5 for 3x3): one branch-free copy per row
       gather([](uint8_t* dst, const uint8_t* src) {
         _mm_storeu_si128(reinterpret_cast<__m128i*>(dst),
@@ -242,41 +322,48 @@ class ImplicitConv {
     } else {
       gather(copy_row);
     }
+    std::memset(gathered + piece.rows * K, 0,
+                static_cast<size_t>((piece.blocks * kBlockM - piece.rows) * K));
   }
 
   // gather_patches for one input channel and patches of at most 16 bytes (a grayscale first layer,
-  // 3x3: 9 bytes), 4 pixels per step: 16-byte lane kh of `rows` holds kernel row kh from pixel v
-  // on (row_taps + 3 <= 16 bytes needed), and one byte permute puts pixel v + p's patch in lane p:
-  // one store per pixel instead of one 16-byte copy per kernel row (the Fashion-MNIST CNN's conv1
-  // was 8-11% faster in an in-process A/B).
-  void gather_one_channel(const uint8_t* padded, int64_t row_taps, int64_t row_step,
-                          int64_t pixels) {
-    const int64_t K = K_, kernel_h = g_.kernel_h;
+  // 3x3: 9 bytes), 4 pixels per step: 16-byte lane kh of `rows` holds kernel row kh from pixel ow
+  // on (3 * stride_w + row_taps <= 16 bytes needed), and one byte permute puts pixel ow + p's patch
+  // in lane p: one store per pixel instead of one 16-byte copy per kernel row (the Fashion-MNIST
+  // CNN's conv1 was 8-11% faster in an in-process A/B). A row's last step may write up to 3
+  // patches past it: the next row's (rewritten next) or past the last pixel.
+  void gather_one_channel(const uint8_t* padded, int64_t out_rows, int64_t row_taps,
+                          int64_t row_step, int64_t out_row_step) {
+    const int64_t K = K_, kernel_h = g_.kernel_h, out_w = g_.out_w, sw = g_.stride_w;
     alignas(64) uint8_t index[64];
     for (int p = 0; p < 4; ++p) {
       for (int b = 0; b < 16; ++b) {
         const auto kh = b / row_taps, j = b % row_taps;  // bytes past the patch: don't care
-        index[p * 16 + b] = static_cast<uint8_t>(kh < kernel_h ? kh * 16 + p + j : 0);
+        index[p * 16 + b] = static_cast<uint8_t>(kh < kernel_h ? kh * 16 + p * sw + j : 0);
       }
     }
     const __m512i permute = _mm512_load_si512(index);
     uint8_t* const gathered = gathered_;
-    for (int64_t v = 0; v < pixels; v += 4) {  // pixels: a multiple of 32
-      const uint8_t* src = padded + v;
-      __m512i rows = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
-      for (int64_t kh = 1; kh < kernel_h; ++kh) {
-        rows = _mm512_mask_broadcast_i32x4(
-            rows, static_cast<__mmask16>(0xF << (4 * kh)),
-            _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + kh * row_step)));
+    for (int64_t r = 0; r < out_rows; ++r) {
+      for (int64_t ow = 0; ow < out_w; ow += 4) {
+        const uint8_t* src = padded + r * out_row_step + ow * sw;
+        __m512i rows =
+            _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+        for (int64_t kh = 1; kh < kernel_h; ++kh) {
+          rows = _mm512_mask_broadcast_i32x4(
+              rows, static_cast<__mmask16>(0xF << (4 * kh)),
+              _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + kh * row_step)));
+        }
+        const __m512i patches = _mm512_permutexvar_epi8(permute, rows);
+        uint8_t* dst = gathered + (r * out_w + ow) * K;
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_castsi512_si128(patches));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + K),
+                         _mm512_extracti32x4_epi32(patches, 1));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 2 * K),
+                         _mm512_extracti32x4_epi32(patches, 2));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 3 * K),
+                         _mm512_extracti32x4_epi32(patches, 3));
       }
-      const __m512i patches = _mm512_permutexvar_epi8(permute, rows);
-      uint8_t* dst = gathered + v * K;
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_castsi512_si128(patches));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + K), _mm512_extracti32x4_epi32(patches, 1));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 2 * K),
-                       _mm512_extracti32x4_epi32(patches, 2));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 3 * K),
-                       _mm512_extracti32x4_epi32(patches, 3));
     }
   }
 
@@ -284,16 +371,22 @@ class ImplicitConv {
   const Conv2dGeometry& g_;
   const int8_t* weight_;
   uint8_t flip_, pad_;
-  int64_t Wp_, K_, kblocks_;
+  int64_t C_, Wp_, halo_, K_, kblocks_;
   Rows mode_;
-  int64_t stride_;  // bytes between the A rows of consecutive virtual pixels
-  PieceLayout largest_;
+  int64_t phases_h_, phases_w_;  // stride_h, stride_w for kPlanes; 1, 1 for kPatches
+  int64_t plane_w_;              // columns of a plane row: ceil(Wp / phases_w)
+  int64_t row_pixels_;           // virtual pixels per output row
+  int64_t stride_;               // bytes between the A rows of consecutive virtual pixels
+  int64_t plane_bytes_ = 0;      // bytes between consecutive planes
+  int64_t max_k_offset_ = 0;
+  std::vector<int64_t> plane_of_;  // plane of phases (ph, pw) at ph * phases_w + pw, -1: unused
+  int64_t planes_ = 0;
   std::vector<Panel> panels_;  // one per 32-column stripe
   std::vector<int64_t> k_offsets_;
   RowPrefetcher next_input_;  // rows of x, in_w * C bytes each
   int32_t* scratch_[2];       // the int32 sums of two blocks
   uint8_t* gathered_;
-  uint8_t* xp_;  // the padded input rows
+  uint8_t* xp_;  // the input planes
 };
 
 template <typename Panel, typename Epilogue, typename Out>
@@ -312,8 +405,9 @@ void conv2d_implicit_impl(const uint8_t* x, const Conv2dGeometry& g, const int8_
   // Rows of x (n * in_h + ih) that a piece reads, [first, second).
   const int64_t halo = (g.kernel_h - 1) * g.dilation_h;
   auto input_rows = [&](const Piece& p) {
-    const int64_t lo = std::clamp<int64_t>(p.oh0 - g.pad_h, 0, g.in_h);
-    const int64_t hi = std::clamp<int64_t>(p.oh1 + halo - g.pad_h, lo, g.in_h);
+    const int64_t lo = std::clamp<int64_t>(p.oh0 * g.stride_h - g.pad_h, 0, g.in_h);
+    const int64_t hi =
+        std::clamp<int64_t>((p.oh1 - 1) * g.stride_h + halo + 1 - g.pad_h, lo, g.in_h);
     return std::pair<int64_t, int64_t>{p.n * g.in_h + lo, p.n * g.in_h + hi};
   };
   for (int64_t r = row_begin; r < row_end;) {

@@ -227,14 +227,14 @@ void depthwise_cpu(const at::Tensor& input, const k::Conv2dGeometry& g, const in
 // it does groups times the multiplies.
 constexpr int64_t kMaxDenseGroups = 32;
 
-// Stride-1 convolution on AMX without im2col (qconv.h): tasks of whole output rows of one image,
-// each about kTargetPixels GEMM rows (virtual pixels) so that its padded input rows stay in L2.
+// Convolution on AMX without im2col (qconv.h): tasks of whole output rows of one image, each about
+// kTargetPixels GEMM rows (virtual pixels) so that its padded input rows stay in L2.
 void implicit_conv_cpu(const at::Tensor& input, const k::Conv2dGeometry& g, const int8_t* packed,
                        const Int8LayerParams& p, const int32_t* sums, at::Tensor& y) {
   const auto x = channels_last_levels(input);
   const uint8_t* x_p = levels(x);
-  // The weight layout of the implicit kernel (kernel rows padded to 64 bytes), unless it is the
-  // packed one.
+  // The weight layout of the implicit kernel (segments padded to 64 bytes), unless it is the packed
+  // one.
   at::Tensor repacked;
   const int8_t* w = packed;
   if (!k::conv_implicit_weight_is_packed(g)) {
@@ -245,9 +245,9 @@ void implicit_conv_cpu(const at::Tensor& input, const k::Conv2dGeometry& g, cons
     w = repacked.data_ptr<int8_t>();
   }
   constexpr int64_t kTargetPixels = 512;
-  const int64_t padded_w = g.in_w + 2 * g.pad_w;
+  const int64_t row_pixels = k::conv_implicit_row_pixels(g);
   int64_t rows_per_task =
-      std::clamp<int64_t>((kTargetPixels + padded_w - 1) / padded_w, 1, g.out_h);
+      std::clamp<int64_t>((kTargetPixels + row_pixels - 1) / row_pixels, 1, g.out_h);
   const int64_t threads = at::get_num_threads();
   auto tasks_per_image = [&] { return (g.out_h + rows_per_task - 1) / rows_per_task; };
   while (rows_per_task > 1 && g.batch * tasks_per_image() < threads) {
@@ -333,7 +333,7 @@ at::Tensor quantized_conv2d_cpu(const at::Tensor& input, const at::Tensor& packe
     return y;
   }
   const bool amx = detail::int8_gemm_isa(g.batch * g.out_h * g.out_w) == k::Isa::kAmx;
-  // The implicit GEMM on AMX where it applies (one group, stride 1), else im2col + GEMM.
+  // The implicit GEMM on AMX where it applies (one group, dilation_w 1), else im2col + GEMM.
   auto run = [&](const k::Conv2dGeometry& geometry, const int8_t* weight, int64_t group_bytes) {
     if (amx && k::conv_implicit_supported(geometry)) {
       implicit_conv_cpu(input, geometry, weight, p, sums, y);
