@@ -346,9 +346,9 @@ Conv2dGeometry implicit_geometry(int64_t batch, int64_t cin, int64_t h, int64_t 
 
 // conv2d_implicit_u8s8 over all images in pieces of `chunk` rows, in two calls split at a row
 // that is not a piece boundary (the second call's pieces start mid-image); NCHW output.
-// A grouped q runs as the dense convolution with the block-diagonal weight of
-// pack_grouped_weight_dense.
-std::vector<uint8_t> implicit_conv(const QuantConv& q, int64_t chunk) {
+// A grouped q runs group by group (per_group) or as the dense convolution with the
+// block-diagonal weight of pack_grouped_weight_dense.
+std::vector<uint8_t> implicit_conv(const QuantConv& q, int64_t chunk, bool per_group = false) {
   Conv2dGeometry g = q.g;
   const int64_t og = g.out_channels / g.groups, kg = g.group_k();
   const auto group_bytes = static_cast<int64_t>(packed_weight_bytes(og, kg));
@@ -359,7 +359,7 @@ std::vector<uint8_t> implicit_conv(const QuantConv& q, int64_t chunk) {
     pack_weight(wg.data(), og, kg, kg, packed.data() + group * group_bytes,
                 row_sums.data() + group * og);
   }
-  if (g.groups > 1) {
+  if (g.groups > 1 && !per_group) {
     const Conv2dGeometry grouped = g;
     g.groups = 1;
     std::vector<int8_t> dense(packed_weight_bytes(g.out_channels, g.group_k()), 0x55);
@@ -367,7 +367,8 @@ std::vector<uint8_t> implicit_conv(const QuantConv& q, int64_t chunk) {
     packed = std::move(dense);
   }
   const int64_t implicit_k = conv_implicit_k(g);
-  std::vector<int8_t> weight(packed_weight_bytes(g.out_channels, implicit_k), 0x55);
+  std::vector<int8_t> weight(g.groups * packed_weight_bytes(g.out_channels / g.groups, implicit_k),
+                             0x55);
   pack_conv_weight_implicit(packed.data(), g, weight.data());
   const RequantEpilogue ep = conv_epilogue(q, row_sums.data(), 0);
   std::vector<uint8_t> nhwc(static_cast<size_t>(g.batch * g.out_h * g.out_w * g.out_channels),
@@ -560,29 +561,57 @@ TEST(ConvImplicit, StridedEqualsDirectConvolution) {
   EXPECT_EQ(modes.size(), 3u);
 }
 
-TEST(ConvImplicit, GroupedAsBlockDiagonalDenseEqualsDirectConvolution) {
+TEST(ConvImplicit, GroupedEqualsDirectConvolution) {
   if (!isa_supported(Isa::kAmx)) GTEST_SKIP() << "no AMX";
   std::mt19937 rng(5);
   struct Case {
-    int64_t batch, cin, h, w, cout, kh, kw, pad, groups;
+    int64_t batch, cin, h, w, cout, kh, kw, pad, groups, stride;
   };
+  // Every case runs as the block-diagonal dense convolution; those whose groups do not gather
+  // patches (in_channels / groups of 16 or more here) also group by group: 32-, 20- and 16-column
+  // groups, strides 1 and 2.
   const Case cases[] = {
-      {2, 64, 9, 8, 64, 3, 3, 1, 4}, {1, 12, 7, 7, 18, 3, 3, 1, 3}, {1, 32, 6, 9, 40, 1, 3, 0, 2},
-      {1, 6, 8, 8, 4, 5, 5, 2, 2},   {2, 48, 5, 5, 96, 3, 3, 1, 8},
+      {2, 64, 9, 8, 64, 3, 3, 1, 4, 1},  {1, 12, 7, 7, 18, 3, 3, 1, 3, 1},
+      {1, 32, 6, 9, 40, 1, 3, 0, 2, 1},  {1, 6, 8, 8, 4, 5, 5, 2, 2, 1},
+      {2, 48, 5, 5, 96, 3, 3, 1, 8, 1},  {2, 64, 11, 11, 64, 3, 3, 1, 2, 2},
+      {1, 96, 9, 10, 48, 3, 3, 1, 3, 2}, {1, 64, 8, 8, 40, 3, 3, 1, 2, 1},
   };
+  int per_group_cases = 0;
   for (const Case& c : cases) {
-    Conv2dGeometry g =
-        implicit_geometry(c.batch, c.cin, c.h, c.w, c.cout, c.kh, c.kw, c.pad, c.pad, 1);
+    Conv2dGeometry g = implicit_geometry(c.batch, c.cin, c.h, c.w, c.cout, c.kh, c.kw, c.pad, c.pad,
+                                         1, c.stride, c.stride);
     g.groups = c.groups;
+    const bool per_group = conv_implicit_supported(g);
+    EXPECT_EQ(per_group, c.cin / c.groups >= 16);
+    per_group_cases += per_group;
     for (const bool signed_input : {false, true}) {
-      SCOPED_TRACE(::testing::Message() << "cin " << c.cin << " cout " << c.cout << " groups "
-                                        << c.groups << " int8 " << signed_input);
+      SCOPED_TRACE(::testing::Message()
+                   << "cin " << c.cin << " cout " << c.cout << " groups " << c.groups << " stride "
+                   << c.stride << " int8 " << signed_input);
       const QuantConv q = random_conv(g, /*channels_last=*/true, signed_input, rng);
       const std::vector<uint8_t> expected = direct_conv(q);
       EXPECT_EQ(implicit_conv(q, 3), expected);
+      if (per_group) EXPECT_EQ(implicit_conv(q, 2, /*per_group=*/true), expected);
       EXPECT_GT(std::set<uint8_t>(expected.begin(), expected.end()).size(), 8u);
     }
   }
+  EXPECT_EQ(per_group_cases, 5);
+}
+
+TEST(ConvImplicit, TileLoadsPerGroupAndBlockDiagonal) {
+  // 3x3 over 64 channels into 64: 4 groups of 16 take 3 k blocks x 3 loads each (36), the
+  // block-diagonal dense convolution 9 k blocks x 8 (72).
+  Conv2dGeometry g = implicit_geometry(1, 64, 8, 8, 64, 3, 3, 1, 1, 1);
+  EXPECT_EQ(conv_implicit_tile_loads(g), 72);
+  g.groups = 4;
+  EXPECT_EQ(conv_implicit_tile_loads(g), 36);
+  // Into 4 channels, 2 groups of 32: 6 k blocks (96-byte rows padded to 128) x 3 loads x 2 (36)
+  // against 9 x 3 (27).
+  g.out_channels = 4;
+  g.groups = 2;
+  EXPECT_EQ(conv_implicit_tile_loads(g), 36);
+  g.groups = 1;
+  EXPECT_EQ(conv_implicit_tile_loads(g), 27);
 }
 
 TEST(ConvImplicit, ExtremeLevelsAndRejections) {

@@ -145,7 +145,9 @@ void depthwise_conv2d_u8s8(Isa isa, const uint8_t* x, const Conv2dGeometry& g, c
   }
 }
 
-bool conv_implicit_supported(const Conv2dGeometry& g) { return g.groups == 1 && g.dilation_w == 1; }
+bool conv_implicit_supported(const Conv2dGeometry& g) {
+  return g.dilation_w == 1 && (g.groups == 1 || !conv_implicit_gathers_patches(g));
+}
 
 std::vector<ConvSegment> conv_implicit_segments(const Conv2dGeometry& g) {
   const int64_t C = g.in_channels / g.groups, phases = std::min(g.stride_w, g.kernel_w);
@@ -184,6 +186,15 @@ int64_t conv_implicit_row_pixels(const Conv2dGeometry& g) {
                                           : (g.in_w + 2 * g.pad_w + g.stride_w - 1) / g.stride_w;
 }
 
+int64_t conv_implicit_tile_loads(const Conv2dGeometry& g) {
+  // Per k block of a 32-pixel block: two A tiles and one B tile per 16 columns of a stripe of
+  // 32 (the AMX kernel's blocking).
+  const int64_t og = g.out_channels / g.groups, stripe = 2 * kPackN;
+  const int64_t last = og % stripe;
+  const int64_t per_k_block = og / stripe * 4 + (last == 0 ? 0 : last > kPackN ? 4 : 3);
+  return g.groups * conv_implicit_k(g) / kPackK * per_k_block;
+}
+
 bool conv_implicit_weight_is_packed(const Conv2dGeometry& g) {
   const bool one_segment_per_row = g.stride_w == 1 || g.kernel_w == 1;
   return conv_implicit_gathers_patches(g) ||
@@ -218,13 +229,14 @@ void pack_grouped_weight_dense(const int8_t* grouped, const Conv2dGeometry& g, i
 }
 
 void pack_conv_weight_implicit(const int8_t* packed, const Conv2dGeometry& g, int8_t* out) {
-  const int64_t N = g.out_channels, K = g.group_k(), C = g.in_channels;
+  const int64_t N = g.out_channels / g.groups, K = g.group_k(), C = g.in_channels / g.groups;
+  const int64_t K_implicit = conv_implicit_k(g);
+  const auto in_bytes = packed_weight_bytes(N, K), out_bytes = packed_weight_bytes(N, K_implicit);
   if (conv_implicit_weight_is_packed(g)) {
-    std::memcpy(out, packed, packed_weight_bytes(N, K));
+    std::memcpy(out, packed, in_bytes * static_cast<size_t>(g.groups));
     return;
   }
-  const int64_t K_implicit = conv_implicit_k(g);
-  std::memset(out, 0, packed_weight_bytes(N, K_implicit));
+  std::memset(out, 0, out_bytes * static_cast<size_t>(g.groups));
   const int64_t columns = (N + kPackN - 1) / kPackN * kPackN;
   // Moves the `bytes` k from src_k on of every column to dst_k on.
   auto move = [&](int64_t dst_k, int64_t src_k, int64_t bytes) {
@@ -243,14 +255,17 @@ void pack_conv_weight_implicit(const int8_t* packed, const Conv2dGeometry& g, in
       }
     }
   };
-  for (const ConvSegment& s : conv_implicit_segments(g)) {
-    const int64_t row_k = s.kh * g.kernel_w * C;  // the GEMM's k of the kernel row's first tap
-    if (g.stride_w == 1) {                        // the row's taps are one run in both layouts
-      move(s.k0, row_k, s.taps * C);
-      continue;
-    }
-    for (int64_t t = 0; t < s.taps; ++t) {
-      move(s.k0 + t * C, row_k + (s.phase + t * g.stride_w) * C, C);
+  const std::vector<ConvSegment> segments = conv_implicit_segments(g);
+  for (int64_t group = 0; group < g.groups; ++group, packed += in_bytes, out += out_bytes) {
+    for (const ConvSegment& s : segments) {
+      const int64_t row_k = s.kh * g.kernel_w * C;  // the GEMM's k of the kernel row's first tap
+      if (g.stride_w == 1) {                        // the row's taps are one run in both layouts
+        move(s.k0, row_k, s.taps * C);
+        continue;
+      }
+      for (int64_t t = 0; t < s.taps; ++t) {
+        move(s.k0 + t * C, row_k + (s.phase + t * g.stride_w) * C, C);
+      }
     }
   }
 }
@@ -262,8 +277,10 @@ void conv2d_implicit(const uint8_t* x, const Conv2dGeometry& g, const int8_t* we
                      const Epilogue& ep, int64_t row_begin, int64_t row_end, int64_t piece_rows,
                      uint8_t pad_value, uint8_t flip, Out* y) {
   if (!conv_implicit_supported(g)) {
-    throw std::invalid_argument("conv2d_implicit_u8s8: needs dilation_w 1 and one group, got " +
-                                std::to_string(g.dilation_w) + " and " + std::to_string(g.groups));
+    throw std::invalid_argument(
+        "conv2d_implicit_u8s8: needs dilation_w 1, and one group where it gathers patches; got "
+        "dilation_w " +
+        std::to_string(g.dilation_w) + " and " + std::to_string(g.groups) + " groups");
   }
   if (!isa_supported(Isa::kAmx)) {
     throw std::invalid_argument("conv2d_implicit_u8s8: AMX is not available on this CPU");

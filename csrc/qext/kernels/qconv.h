@@ -65,20 +65,23 @@ void conv_weight_to_gemm(const int8_t* w, const Conv2dGeometry& g, int64_t group
 // need at most half as many k blocks (conv_implicit_gathers_patches: small kernel_w * C, e.g. a
 // first layer on 1 or 3 channels, or the 7x7 stride-2 stem), each output pixel's (kh, kw, c) patch
 // is gathered instead (no dropped pixels) and the weight is the packed GEMM weight itself.
+// A grouped convolution (not gathering patches) gives each group its own planes of its
+// in_channels / groups channels and runs each group's GEMM on them (everything below is then per
+// group: C = in_channels / groups).
 // ---------------------------------------------------------------------------------------------
 
-// Whether conv2d_implicit_u8s8 handles g: one group, dilation_w 1 (any stride, dilation_h,
-// padding).
+// Whether conv2d_implicit_u8s8 handles g: dilation_w 1 (any stride, dilation_h, padding), and one
+// group where it gathers patches.
 bool conv_implicit_supported(const Conv2dGeometry& g);
 
 // A run of the implicit weight's k axis (without patches): kernel row kh's taps kw = phase, phase
-// + stride_w, ... (`taps` of them, in_channels bytes each, in (kw, c) order), then zeros up to
+// + stride_w, ... (`taps` of them, C bytes each, in (kw, c) order), then zeros up to
 // `bytes`, a multiple of 64. The weight holds the segments of kernel row 0 (phase 0, 1, ..,
 // min(stride_w, kernel_w) - 1), then row 1, ...; at stride_w 1 a segment is a whole kernel row.
 struct ConvSegment {
   int64_t kh, phase, taps;
   int64_t k0;     // first k of the segment
-  int64_t bytes;  // packed_k(taps * in_channels)
+  int64_t bytes;  // packed_k(taps * C)
 };
 std::vector<ConvSegment> conv_implicit_segments(const Conv2dGeometry& g);
 
@@ -101,9 +104,14 @@ int64_t conv_implicit_row_pixels(const Conv2dGeometry& g);
 // repacking needed.
 bool conv_implicit_weight_is_packed(const Conv2dGeometry& g);
 
-// conv2d_implicit_u8s8's weight from the packed GEMM weight (K = group_k()): the taps rearranged
-// into the zero-padded segments, or a copy when conv_implicit_weight_is_packed(g). out holds
-// packed_weight_bytes(out_channels, conv_implicit_k(g)).
+// conv2d_implicit_u8s8's weight from the groups' packed GEMM weights (K = group_k(), one after
+// the other, packed_weight_bytes(out_channels / groups, group_k()) bytes apart): each group's taps
+// rearranged into the zero-padded segments, or a copy when conv_implicit_weight_is_packed(g). out
+// holds groups x packed_weight_bytes(out_channels / groups, conv_implicit_k(g)), group after group.
+// The tile loads of conv2d_implicit_u8s8 per 32 virtual pixels: on AMX both the implicit
+// convolution and its competitors are bound by them (4 per 4 tdpbusd for 32 columns, 3 per 2 for
+// 16). Compares a grouped convolution run per group with the block-diagonal dense one.
+int64_t conv_implicit_tile_loads(const Conv2dGeometry& g);
 void pack_conv_weight_implicit(const int8_t* packed, const Conv2dGeometry& g, int8_t* out);
 
 // The packed GEMM weight of the one-group convolution equal to the grouped convolution g: output

@@ -64,7 +64,8 @@ class ImplicitConv {
         weight_(weight),
         flip_(flip),
         pad_(pad_value ^ flip),
-        C_(g.in_channels),
+        groups_(g.groups),
+        C_(g.in_channels / g.groups),
         Wp_(g.in_w + 2 * g.pad_w),
         halo_((g.kernel_h - 1) * g.dilation_h),
         K_(conv_implicit_k(g)),
@@ -75,10 +76,14 @@ class ImplicitConv {
         plane_w_((Wp_ + phases_w_ - 1) / phases_w_),
         row_pixels_(conv_implicit_row_pixels(g)),
         stride_(mode_ == Rows::kPlanes ? C_ : K_),
-        next_input_(x, g.in_w * C_, g.in_w * C_) {
-    const int64_t OC = g.out_channels;
-    for (int64_t n0 = 0; n0 < OC; n0 += kBlockN) {
-      panels_.emplace_back(ep, n0, OC, OC - n0 > kPackN ? 2 : 1, y + n0, OC);
+        next_input_(x, g.in_w * g.in_channels, g.in_w * g.in_channels) {
+    const int64_t og = g.out_channels / groups_;
+    for (int64_t group = 0; group < groups_; ++group) {
+      const int64_t end = (group + 1) * og;
+      for (int64_t n0 = group * og; n0 < end; n0 += kBlockN) {
+        panels_.emplace_back(ep, n0, end, end - n0 > kPackN ? 2 : 1, y + n0, g.out_channels);
+        stripes_.push_back({group, n0 - group * og, end - n0 > kPackN});
+      }
     }
     // The planes in use (those of the segments' row and column phases) are numbered in order and
     // lie plane_bytes_ apart, sized for the largest piece, so that the k-block offsets hold for
@@ -155,11 +160,13 @@ class ImplicitConv {
     const int64_t rows_per_step = (kBlockM + 2 * kblocks - 1) / (2 * kblocks) * 2;
     next_input_.start(prefetch_begin, prefetch_end,
                       piece.blocks * kblocks * static_cast<int64_t>(panels_.size()));
+    const auto group_weight_bytes =
+        static_cast<int64_t>(packed_weight_bytes(g_.out_channels / groups_, K));
     for (size_t stripe = 0; stripe < panels_.size(); ++stripe) {
-      const int64_t n0 = static_cast<int64_t>(stripe) * kBlockN;
-      const bool two_cols = g_.out_channels - n0 > kPackN;
       const Panel& panel = panels_[stripe];
-      const int8_t* b0 = weight_ + packed_block_offset(n0, K);
+      const auto [group, n0, two_cols] = stripes_[stripe];
+      const uint8_t* const a_group = a + group * planes_ * plane_bytes_;
+      const int8_t* b0 = weight_ + group * group_weight_bytes + packed_block_offset(n0, K);
       for (int64_t i = 0; i < piece.blocks; ++i) {
         const int64_t v0 = i * kBlockM, count = std::min(kBlockM, rows - v0);
         const bool two_rows = count > kTileRows;
@@ -167,7 +174,7 @@ class ImplicitConv {
         const int64_t prev_v0 = v0 - kBlockM;
         int64_t done = i > 0 ? prev_v0 : v0;  // the previous block's pixels finished so far
         compute_block(
-            two_rows, two_cols, a + v0 * stride, stride, kTileRows * stride,
+            two_rows, two_cols, a_group + v0 * stride, stride, kTileRows * stride,
             [koff](int64_t kb) { return koff[kb]; }, b0, b_block_bytes, kblocks,
             [&] {
               next_input_.step();
@@ -193,7 +200,7 @@ class ImplicitConv {
     p.blocks = (p.rows + kBlockM - 1) / kBlockM;
     p.in_rows = (out_rows - 1) * g_.stride_h + halo_ + 1;
     p.plane_rows = (p.in_rows + phases_h_ - 1) / phases_h_;
-    p.data_bytes = (planes_ - 1) * plane_bytes_ + p.plane_rows * plane_w_ * C_;
+    p.data_bytes = (groups_ * planes_ - 1) * plane_bytes_ + p.plane_rows * plane_w_ * C_;
     if (mode_ == Rows::kPlanes) {
       // The last k block of the last virtual pixel.
       p.read_bytes =
@@ -211,18 +218,20 @@ class ImplicitConv {
 
   // The piece's input: padded row i (input row oh0 * stride_h - pad_h + i, pad_value outside the
   // image; pad_value columns either side) goes to row i / stride_h of the planes (i % stride_h, pw)
-  // in use (kPlanes; one plane at stride 1 and for kPatches). Read in x itself when nothing pads or
-  // flips the rows, they need no splitting and the reads stay inside x (bytes past the rows: later
-  // rows of x); else copied to the buffer, and the bytes read past the data zeroed (no stale or
-  // uninitialised bytes read: they only ever meet zero weights or dropped pixels).
+  // in use (kPlanes; one plane at stride 1 and for kPatches), each group's channels to its own
+  // planes. Read in x itself when nothing pads or flips the rows, they need no splitting and the
+  // reads stay inside x (bytes past the rows: later rows of x); else copied to the buffer, and the
+  // bytes read past the data zeroed (no stale or uninitialised bytes read: they only ever meet
+  // zero weights or dropped pixels).
   const uint8_t* input_planes(int64_t n, int64_t oh0, const PieceLayout& piece) {
-    const int64_t C = C_, row_bytes = g_.in_w * C, first = oh0 * g_.stride_h - g_.pad_h;
+    const int64_t row_bytes = g_.in_w * g_.in_channels, first = oh0 * g_.stride_h - g_.pad_h;
     const int64_t start = (n * g_.in_h + first) * row_bytes;
-    if (g_.pad_h == 0 && g_.pad_w == 0 && flip_ == 0 && phases_h_ * phases_w_ == 1 &&
+    const bool one_plane = phases_h_ * phases_w_ * groups_ == 1;
+    if (g_.pad_h == 0 && g_.pad_w == 0 && flip_ == 0 && one_plane &&
         start + piece.read_bytes <= g_.batch * g_.in_h * row_bytes) {
       return x_ + start;
     }
-    const int64_t plane_row_bytes = plane_w_ * C;
+    const int64_t plane_row_bytes = plane_w_ * C_;
     for (int64_t i = 0; i < piece.in_rows; ++i) {
       const int64_t ih = first + i;
       const uint8_t* src = ih >= 0 && ih < g_.in_h ? x_ + (n * g_.in_h + ih) * row_bytes : nullptr;
@@ -231,47 +240,61 @@ class ImplicitConv {
         if (plane < 0) continue;
         uint8_t* dst = xp_ + plane * plane_bytes_ + i / phases_h_ * plane_row_bytes;
         if (src == nullptr) {
-          std::memset(dst, pad_, static_cast<size_t>(plane_row_bytes));
-        } else if (phases_w_ == 1) {
-          const int64_t side = g_.pad_w * C;
+          for (int64_t group = 0; group < groups_; ++group) {
+            std::memset(dst + group * planes_ * plane_bytes_, pad_,
+                        static_cast<size_t>(plane_row_bytes));
+          }
+        } else if (one_plane) {
+          const int64_t side = g_.pad_w * C_;
           std::memset(dst, pad_, static_cast<size_t>(side));
           copy_flip(dst + side, src, row_bytes, flip_);
           std::memset(dst + side + row_bytes, pad_, static_cast<size_t>(side));
         } else {
-          copy_column_phase(dst, src, pw);
+          copy_plane_rows(dst, src, pw);
         }
       }
     }
     // A short piece leaves a gap after each plane's rows; the bytes past the last one are read too.
     const int64_t plane_data = piece.plane_rows * plane_row_bytes;
-    for (int64_t plane = 0; plane + 1 < planes_; ++plane) {
+    for (int64_t plane = 0; plane + 1 < groups_ * planes_; ++plane) {
       fill_bytes(xp_ + plane * plane_bytes_ + plane_data, 0, plane_bytes_ - plane_data);
     }
     fill_bytes(xp_ + piece.data_bytes, 0, piece.read_bytes - piece.data_bytes);
     return xp_;
   }
 
-  // Plane row of column phase pw from input row src: plane column j is padded column
-  // j * stride_w + pw, i.e. input column j * stride_w + pw - pad_w (pad_ outside the row).
-  void copy_column_phase(uint8_t* dst, const uint8_t* src, int64_t pw) const {
-    const int64_t C = C_, sw = g_.stride_w;
+  // The plane rows of column phase pw of every group (group 0's at dst, the others planes_ planes
+  // apart) from input row src: plane column j is padded column j * stride_w + pw, i.e. input
+  // column j * stride_w + pw - pad_w (pad_ outside the row), the group's C_ channels of it. Whole
+  // vectors and one masked tail per group and pixel: a copy_flip call per 16-byte group cost as
+  // much as the tile work of a 4-group convolution.
+  void copy_plane_rows(uint8_t* dst, const uint8_t* src, int64_t pw) const {
+    const int64_t C = C_, sw = g_.stride_w, pixel_step = sw * g_.in_channels;
+    const int64_t group_step = planes_ * plane_bytes_;
     auto first_at_or_after = [&](int64_t q) {  // first column j with j * sw + pw - pad_w >= q
       return std::clamp<int64_t>((q + g_.pad_w - pw + sw - 1) / sw, 0, plane_w_);
     };
     const int64_t lo = first_at_or_after(0), hi = std::max(lo, first_at_or_after(g_.in_w));
-    fill_bytes(dst, pad_, lo * C);
-    const uint8_t* s = src + (lo * sw + pw - g_.pad_w) * C;
-    if (C % kTileRowBytes == 0) {  // whole vectors per pixel (e.g. 64 channels: one)
-      const __m512i flip = _mm512_set1_epi8(static_cast<char>(flip_));
-      for (int64_t j = lo; j < hi; ++j, s += sw * C) {
-        for (int64_t b = 0; b < C; b += kTileRowBytes) {
-          _mm512_storeu_si512(dst + j * C + b, _mm512_xor_si512(_mm512_loadu_si512(s + b), flip));
+    const int64_t whole = C / kTileRowBytes * kTileRowBytes;
+    const __mmask64 tail =
+        C % kTileRowBytes == 0 ? 0 : ~__mmask64{0} >> (kTileRowBytes - C % kTileRowBytes);
+    const __m512i flip = _mm512_set1_epi8(static_cast<char>(flip_));
+    for (int64_t group = 0; group < groups_; ++group) {
+      uint8_t* d = dst + group * group_step;
+      fill_bytes(d, pad_, lo * C);
+      const uint8_t* s = src + (lo * sw + pw - g_.pad_w) * g_.in_channels + group * C;
+      for (int64_t j = lo; j < hi; ++j, s += pixel_step) {
+        uint8_t* p = d + j * C;
+        for (int64_t b = 0; b < whole; b += kTileRowBytes) {
+          _mm512_storeu_si512(p + b, _mm512_xor_si512(_mm512_loadu_si512(s + b), flip));
+        }
+        if (tail != 0) {
+          _mm512_mask_storeu_epi8(p + whole, tail,
+                                  _mm512_xor_si512(_mm512_maskz_loadu_epi8(tail, s + whole), flip));
         }
       }
-    } else {
-      for (int64_t j = lo; j < hi; ++j, s += sw * C) copy_flip(dst + j * C, s, C, flip_);
+      fill_bytes(d + hi * C, pad_, (plane_w_ - hi) * C);
     }
-    fill_bytes(dst + hi * C, pad_, (plane_w_ - hi) * C);
   }
 
   // Patch of output pixel v = r * out_w + ow: kernel row kh at padded row r * stride_h + kh *
@@ -371,7 +394,9 @@ class ImplicitConv {
   const Conv2dGeometry& g_;
   const int8_t* weight_;
   uint8_t flip_, pad_;
-  int64_t C_, Wp_, halo_, K_, kblocks_;
+  int64_t groups_;
+  int64_t C_;  // channels of a plane pixel: in_channels / groups
+  int64_t Wp_, halo_, K_, kblocks_;
   Rows mode_;
   int64_t phases_h_, phases_w_;  // stride_h, stride_w for kPlanes; 1, 1 for kPatches
   int64_t plane_w_;              // columns of a plane row: ceil(Wp / phases_w)
@@ -379,9 +404,16 @@ class ImplicitConv {
   int64_t stride_;               // bytes between the A rows of consecutive virtual pixels
   int64_t plane_bytes_ = 0;      // bytes between consecutive planes
   int64_t max_k_offset_ = 0;
-  std::vector<int64_t> plane_of_;  // plane of phases (ph, pw) at ph * phases_w + pw, -1: unused
+  // Plane of phases (ph, pw) at ph * phases_w + pw (-1: unused) within a group's planes_ planes;
+  // group gi's planes follow group gi - 1's.
+  std::vector<int64_t> plane_of_;
   int64_t planes_ = 0;
-  std::vector<Panel> panels_;  // one per 32-column stripe
+  struct Stripe {
+    int64_t group, n0;  // n0: first column within the group's og
+    bool two_cols;
+  };
+  std::vector<Panel> panels_;  // one per stripe of up to 32 columns within a group
+  std::vector<Stripe> stripes_;
   std::vector<int64_t> k_offsets_;
   RowPrefetcher next_input_;  // rows of x, in_w * C bytes each
   int32_t* scratch_[2];       // the int32 sums of two blocks

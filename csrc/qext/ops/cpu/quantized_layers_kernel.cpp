@@ -238,9 +238,9 @@ void implicit_conv_cpu(const at::Tensor& input, const k::Conv2dGeometry& g, cons
   at::Tensor repacked;
   const int8_t* w = packed;
   if (!k::conv_implicit_weight_is_packed(g)) {
-    repacked = at::empty(
-        {static_cast<int64_t>(k::packed_weight_bytes(g.out_channels, k::conv_implicit_k(g)))},
-        x.options().dtype(at::kChar));
+    const auto group_bytes = static_cast<int64_t>(
+        k::packed_weight_bytes(g.out_channels / g.groups, k::conv_implicit_k(g)));
+    repacked = at::empty({g.groups * group_bytes}, x.options().dtype(at::kChar));
     k::pack_conv_weight_implicit(packed, g, repacked.data_ptr<int8_t>());
     w = repacked.data_ptr<int8_t>();
   }
@@ -333,29 +333,31 @@ at::Tensor quantized_conv2d_cpu(const at::Tensor& input, const at::Tensor& packe
     return y;
   }
   const bool amx = detail::int8_gemm_isa(g.batch * g.out_h * g.out_w) == k::Isa::kAmx;
-  // The implicit GEMM on AMX where it applies (one group, dilation_w 1), else im2col + GEMM.
-  auto run = [&](const k::Conv2dGeometry& geometry, const int8_t* weight, int64_t group_bytes) {
-    if (amx && k::conv_implicit_supported(geometry)) {
-      implicit_conv_cpu(input, geometry, weight, p, sums, y);
-    } else {
-      im2col_conv_cpu(input, geometry, weight, group_bytes, p, sums, y);
-    }
-  };
-  if (groups == 1 || groups > kMaxDenseGroups || !amx) {
-    run(g, packed, call.shape.group_bytes);
-    return y;
-  }
-  // A grouped convolution on AMX runs as the one-group convolution with the block-diagonal weight:
-  // groups times the multiplies, but whole pixels' channels per A row instead of a per-group
-  // im2col of a few channels and GEMMs of a few columns. 8 x 64 x 56 x 56 -> 64, 3x3: 4 groups
-  // 2.1-2.8 ms against 10 ms, 16 groups 2.4-2.8 ms against 34 ms; 8 x 128 x 56 x 56 -> 128, 3x3
-  // stride 2, 32 groups: 3.7 ms against 11.7 ms.
+  // On AMX the implicit GEMM where it applies (dilation_w 1). A grouped convolution runs on it
+  // group by group (each group's channels in planes of their own) when that takes fewer tile loads
+  // than the one-group convolution with the block-diagonal weight (groups times the multiplies,
+  // but whole pixels' channels per A row): few groups of many channels. Else, up to
+  // kMaxDenseGroups groups, the block-diagonal one: against a per-group im2col of a few channels
+  // and GEMMs of a few columns it took 8 x 64 x 56 x 56 -> 64, 3x3 with 16 groups from 34 ms to
+  // 2.4-2.8 ms. Everything else: im2col + GEMM.
   k::Conv2dGeometry dense = g;
   dense.groups = 1;
-  const auto dense_bytes = static_cast<int64_t>(k::packed_weight_bytes(OC, dense.group_k()));
-  auto dense_packed = at::empty({dense_bytes}, packed_weight.options());
-  k::pack_grouped_weight_dense(packed, g, dense_packed.data_ptr<int8_t>());
-  run(dense, dense_packed.data_ptr<int8_t>(), dense_bytes);
+  const bool as_is =
+      amx && k::conv_implicit_supported(g) &&
+      (groups == 1 || k::conv_implicit_tile_loads(g) < k::conv_implicit_tile_loads(dense));
+  const bool block_diagonal =
+      amx && groups > 1 && groups <= kMaxDenseGroups && k::conv_implicit_supported(dense);
+  if (as_is) {
+    implicit_conv_cpu(input, g, packed, p, sums, y);
+  } else if (!block_diagonal) {
+    im2col_conv_cpu(input, g, packed, call.shape.group_bytes, p, sums, y);
+  } else {
+    auto dense_packed =
+        at::empty({static_cast<int64_t>(k::packed_weight_bytes(OC, dense.group_k()))},
+                  packed_weight.options());
+    k::pack_grouped_weight_dense(packed, g, dense_packed.data_ptr<int8_t>());
+    implicit_conv_cpu(input, dense, dense_packed.data_ptr<int8_t>(), p, sums, y);
+  }
   return y;
 }
 
