@@ -568,13 +568,15 @@ TEST(ConvImplicit, GroupedEqualsDirectConvolution) {
     int64_t batch, cin, h, w, cout, kh, kw, pad, groups, stride;
   };
   // Every case runs as the block-diagonal dense convolution; those whose groups do not gather
-  // patches (in_channels / groups of 16 or more here) also group by group: 32-, 20- and 16-column
-  // groups, strides 1 and 2.
+  // patches (in_channels / groups of 16 or more here) also group by group: 32-, 20-, 16- and
+  // 8-column groups, strides 1 and 2, input planes copied by lane transposes (16 or 32 channels
+  // per group, 64-byte pixels; the last 64 x 7 x 11 case leaves pixels over) or per pixel.
   const Case cases[] = {
       {2, 64, 9, 8, 64, 3, 3, 1, 4, 1},  {1, 12, 7, 7, 18, 3, 3, 1, 3, 1},
       {1, 32, 6, 9, 40, 1, 3, 0, 2, 1},  {1, 6, 8, 8, 4, 5, 5, 2, 2, 1},
       {2, 48, 5, 5, 96, 3, 3, 1, 8, 1},  {2, 64, 11, 11, 64, 3, 3, 1, 2, 2},
       {1, 96, 9, 10, 48, 3, 3, 1, 3, 2}, {1, 64, 8, 8, 40, 3, 3, 1, 2, 1},
+      {1, 64, 7, 11, 32, 3, 3, 1, 4, 1},
   };
   int per_group_cases = 0;
   for (const Case& c : cases) {
@@ -595,7 +597,7 @@ TEST(ConvImplicit, GroupedEqualsDirectConvolution) {
       EXPECT_GT(std::set<uint8_t>(expected.begin(), expected.end()).size(), 8u);
     }
   }
-  EXPECT_EQ(per_group_cases, 5);
+  EXPECT_EQ(per_group_cases, 6);
 }
 
 TEST(ConvImplicit, TileLoadsPerGroupAndBlockDiagonal) {

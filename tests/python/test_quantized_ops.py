@@ -164,10 +164,12 @@ CONV_CASES = [
     # 7x7 stride-2 stem)
     (2, 64, 15, 13, 48, 3, 2, 1, 1, 1),
     (1, 3, 30, 30, 16, 7, 2, 3, 1, 1),
-    # grouped, on AMX (enough output pixels) the one-group convolution with a block-diagonal weight:
-    # implicit (stride 1, stride 2) and im2col (dilation 2)
+    # grouped, on AMX (enough output pixels): the implicit GEMM group by group (16 channels per
+    # group), the one-group convolution with a block-diagonal weight (2 channels per group), and
+    # im2col (dilation 2)
     (2, 64, 12, 12, 64, 3, 1, 1, 1, 4),
     (1, 64, 24, 24, 96, 3, 2, 1, 1, 32),
+    (1, 96, 14, 13, 48, 3, 2, 1, 1, 3),
     (1, 30, 16, 16, 20, 3, 1, 2, 2, 10),
 ]
 
