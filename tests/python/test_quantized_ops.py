@@ -249,6 +249,67 @@ def test_every_isa_is_bit_identical_to_scalar():
         qext._C.set_int8_isa("sse9")
 
 
+def random_conv_geometry(g):
+    """A random convolution (every path: implicit one-group, phase planes, patches, group by group,
+    block-diagonal, im2col, depthwise), per-axis stride, padding and dilation."""
+    def pick(*values):
+        return values[int(torch.randint(len(values), (1,), generator=g))]
+
+    groups = pick(1, 1, 1, 2, 3, 4, 8, "depthwise")
+    per_group = pick(1, 3, 4, 16, 32) if groups != "depthwise" else 1
+    channels = per_group * (1 if groups == "depthwise" else groups)
+    if groups == "depthwise":
+        channels = pick(8, 24, 40, 64)
+        groups, out_channels = channels, channels
+    else:
+        out_channels = groups * pick(1, 5, 16, 24, 40)
+    kh, kw = pick(1, 2, 3, 3, 5, 7), pick(1, 3, 3, 4)
+    stride = [pick(1, 1, 2, 3), pick(1, 1, 2, 3)]
+    padding = [pick(0, 1, 2), pick(0, 1, 3)]
+    dilation = [pick(1, 1, 2), pick(1, 1, 1, 2)]
+    height = max(pick(6, 9, 14, 23), dilation[0] * (kh - 1) + 1 - 2 * padding[0])
+    width = max(pick(5, 11, 16, 29), dilation[1] * (kw - 1) + 1 - 2 * padding[1])
+    return (pick(1, 2), channels, height, width, out_channels, (kh, kw), stride, padding, dilation, groups)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_conv2d_bit_identical_to_scalar_and_matches_reference(seed):
+    """Whatever path a geometry takes on this CPU, bit for bit the scalar im2col + GEMM, and the
+    integer reference."""
+    g = torch.Generator().manual_seed(1000 + seed)
+    B, C, H, W, OC, (kh, kw), stride, padding, dilation, groups = random_conv_geometry(g)
+    dtype = torch.quint8 if seed % 3 else torch.qint8
+    x = random_qtensor((B, C, H, W), dtype=dtype, gen=g, scale=0.04)
+    if seed % 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = random_weight(OC, C // groups, kh, kw)
+    w_scale = torch.rand(OC, generator=g) * 0.01 + 0.002
+    bias = torch.randn(OC, generator=g) if seed % 2 else None
+    out_scale = 0.04 * 0.007 * math.sqrt(C // groups * kh * kw) * 30
+    float_out = seed % 5 == 0 and not (groups == C == OC)  # depthwise writes quantized outputs
+    packed, sums, sums_shape = pack(w, groups)
+
+    def run():
+        return ops.quantized_conv2d(x, packed, sums, sums_shape, w_scale, bias, stride, padding, dilation, groups,
+                                    None if float_out else out_scale, 128, 0, 255, seed % 7 == 1)
+
+    y = run()
+    try:
+        qext._C.set_int8_isa("scalar")
+        expected = run()
+    finally:
+        qext._C.set_int8_isa("auto")
+    if float_out:
+        assert torch.equal(y, expected)
+        ref = conv_reference(x, w, w_scale, bias, None, 0, 0, 0, seed % 7 == 1, stride, padding, dilation, groups)
+        torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6)
+    else:
+        assert torch.equal(y.int_repr(), expected.int_repr())
+        ref, amb = conv_reference(x, w, w_scale, bias, out_scale, 128, 0, 255, seed % 7 == 1, stride, padding,
+                                  dilation, groups)
+        assert_matches_reference(y.int_repr(), ref, amb)
+
+
 def add_reference(a, b, out_scale, out_zp, lo, hi, relu):
     real = ((a.int_repr().double() - a.q_zero_point()) * a.q_scale()
             + (b.int_repr().double() - b.q_zero_point()) * b.q_scale()) / out_scale
