@@ -146,8 +146,9 @@ void conv2d_implicit_u8s8(const uint8_t* x, const Conv2dGeometry& g, const int8_
 // channels-last y[((n * out_h + oh) * out_w + ow) * C + c] as requantize(sum over in-image taps of
 // (x - ep.a_zero_point) * w + bias[c]) (ep.row_sums is not used; padding contributes 0, i.e.
 // exactly what im2col with pad_value = a_zero_point + GEMM gives). isa kScalar = reference; kAvx2
-// vectorized over channels; kAvx512Vnni / kAmx vpdpbusd over 4 taps x 64 channels (padded input
-// rows, the GEMM's AVX-512 epilogue); all bit-identical. The stored
+// vectorized over channels; kAvx512Vnni / kAmx vpdpbusd over 4 taps x 64 bytes (64 channels, or 2
+// or 4 pixels of layers of at most 32 or 16 channels; padded input rows, the GEMM's AVX-512
+// epilogue); all bit-identical. The stored
 // byte is the low 8 bits of the requantized level, as in the GEMM's RequantEpilogue (so
 // ep.out_zero_point / out_min / out_max are in the output's own uint8 or int8 range).
 // The int32 accumulation is exact when kernel_h * kernel_w * 255 * 128 + max |bias| < 2^31 (the
