@@ -7,6 +7,7 @@
 * every CPU ISA this machine runs bit-identical to the scalar kernels.
 """
 
+import gc
 import math
 
 import pytest
@@ -308,6 +309,41 @@ def test_random_conv2d_bit_identical_to_scalar_and_matches_reference(seed):
         ref, amb = conv_reference(x, w, w_scale, bias, out_scale, 128, 0, 255, seed % 7 == 1, stride, padding,
                                   dilation, groups)
         assert_matches_reference(y.int_repr(), ref, amb)
+
+
+def test_derived_conv_weights_follow_in_place_changes_and_go_with_their_weight():
+    """On AMX a stride-2 3x3 convolution over 64 channels runs on its weight rearranged into segments,
+    derived once per packed weight: a packed weight changed in place must not meet the old layout, and
+    the layout goes once its packed weight is freed."""
+    g = torch.Generator().manual_seed(21)
+    x = random_qtensor((2, 64, 15, 15), gen=g).contiguous(memory_format=torch.channels_last)
+    w_scale = torch.rand(32, generator=g) * 0.01 + 0.002
+    out_scale = 0.04 * 0.007 * math.sqrt(64 * 9) * 30
+
+    def run(packed, sums, shape):
+        return ops.quantized_conv2d(x, packed, sums, shape, w_scale, None, [2, 2], [1, 1], [1, 1], 1, out_scale,
+                                    128, 0, 255, False).int_repr()
+
+    w1, w2 = random_weight(32, 64, 3, 3), random_weight(32, 64, 3, 3)
+    p1, s1, shape = pack(w1)
+    p2, s2, _ = pack(w2)
+    y1, y2 = run(p1, s1, shape), run(p2, s2, shape)
+    assert torch.equal(run(p1, s1, shape), y1) and not torch.equal(y1, y2)
+    for want, w in ((y1, w1), (y2, w2)):
+        ref, amb = conv_reference(x, w, w_scale, None, out_scale, 128, 0, 255, False, 2, 1, 1, 1)
+        assert_matches_reference(want, ref, amb)
+    p1.copy_(p2)
+    s1.copy_(s2)
+    assert torch.equal(run(p1, s1, shape), y2)
+    if "amx" in qext._C.supported_int8_isas():
+        gc.collect()
+        run(p2, s2, shape)  # a lookup: drops the layouts of weights freed before
+        held = qext._C.derived_weight_entries()
+        assert held >= 2
+        del p1, s1
+        p3, s3, _ = pack(random_weight(32, 64, 3, 3))
+        run(p3, s3, shape)  # prunes p1's layout, adds p3's
+        assert qext._C.derived_weight_entries() == held
 
 
 def add_reference(a, b, out_scale, out_zp, lo, hi, relu):

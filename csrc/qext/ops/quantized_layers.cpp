@@ -6,6 +6,7 @@
 
 #include "qext/kernels/qgemm.h"
 #include "qext/ops/common/int8_args.h"
+#include "qext/ops/cpu/derived_weights.h"
 
 namespace qext::ops {
 namespace {
@@ -92,6 +93,8 @@ std::vector<std::string> supported_int8_isas() {
   }
   return names;
 }
+
+int64_t derived_weight_entries() { return detail::derived_weight_entries(); }
 
 TORCH_LIBRARY_FRAGMENT(qext, m) {
   m.def("pack_quantized_weight(Tensor weight, int groups=1) -> (Tensor, Tensor)");

@@ -80,4 +80,9 @@ void set_int8_isa(const std::string& name);
 std::string int8_isa();
 std::vector<std::string> supported_int8_isas();
 
+// How many weight layouts the CPU convolution holds, derived once from packed weights on AMX (the
+// implicit kernel's segments, block-diagonal grouped weights) and dropped once their packed weight
+// is freed (at the next convolution that derives one); for tests.
+int64_t derived_weight_entries();
+
 }  // namespace qext::ops

@@ -19,4 +19,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("int8_isa", &qext::ops::int8_isa, "The ISA forced by set_int8_isa, or 'auto'.");
   m.def("supported_int8_isas", &qext::ops::supported_int8_isas,
         "The ISAs of the CPU integer kernels that this machine runs.");
+  m.def("derived_weight_entries", &qext::ops::derived_weight_entries,
+        "How many weight layouts derived from packed weights the CPU convolution holds (tests).");
 }

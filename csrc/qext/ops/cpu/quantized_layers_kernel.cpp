@@ -12,6 +12,7 @@
 #include "qext/kernels/qelementwise.h"
 #include "qext/kernels/qgemm.h"
 #include "qext/ops/common/int8_args.h"
+#include "qext/ops/cpu/derived_weights.h"
 
 namespace qext::ops {
 namespace {
@@ -227,23 +228,42 @@ void depthwise_cpu(const at::Tensor& input, const k::Conv2dGeometry& g, const in
 // it does groups times the multiplies.
 constexpr int64_t kMaxDenseGroups = 32;
 
+// The weight of the implicit kernel for g from the groups' packed weights (pack_quantized_weight):
+// itself when it is already in that layout, else the segments padded to 64 bytes (of each group,
+// or of the block-diagonal one-group weight), derived once per packed weight (derived_weights.h).
+at::Tensor implicit_weight(const at::Tensor& packed, const k::Conv2dGeometry& g,
+                           bool block_diagonal) {
+  k::Conv2dGeometry run = g;
+  if (block_diagonal) run.groups = 1;
+  if (!block_diagonal && k::conv_implicit_weight_is_packed(g)) return packed;
+  // The packed weight fixes every other input of the layout (channels, kernel, groups).
+  const int64_t kind = 2 * g.stride_w + (block_diagonal ? 1 : 0);
+  return detail::derived_weight(packed, kind, [&] {
+    const int8_t* source = packed.data_ptr<int8_t>();
+    at::Tensor dense;
+    if (block_diagonal) {
+      dense =
+          at::empty({static_cast<int64_t>(k::packed_weight_bytes(g.out_channels, run.group_k()))},
+                    packed.options());
+      k::pack_grouped_weight_dense(source, g, dense.data_ptr<int8_t>());
+      if (k::conv_implicit_weight_is_packed(run)) return dense;
+      source = dense.data_ptr<int8_t>();
+    }
+    const auto group_bytes = static_cast<int64_t>(
+        k::packed_weight_bytes(run.out_channels / run.groups, k::conv_implicit_k(run)));
+    at::Tensor out = at::empty({run.groups * group_bytes}, packed.options());
+    k::pack_conv_weight_implicit(source, run, out.data_ptr<int8_t>());
+    return out;
+  });
+}
+
 // Convolution on AMX without im2col (qconv.h): tasks of whole output rows of one image, each about
 // kTargetPixels GEMM rows (virtual pixels) so that its padded input rows stay in L2.
-void implicit_conv_cpu(const at::Tensor& input, const k::Conv2dGeometry& g, const int8_t* packed,
+// w: the weight in the implicit kernel's layout (implicit_weight).
+void implicit_conv_cpu(const at::Tensor& input, const k::Conv2dGeometry& g, const int8_t* w,
                        const Int8LayerParams& p, const int32_t* sums, at::Tensor& y) {
   const auto x = channels_last_levels(input);
   const uint8_t* x_p = levels(x);
-  // The weight layout of the implicit kernel (segments padded to 64 bytes), unless it is the packed
-  // one.
-  at::Tensor repacked;
-  const int8_t* w = packed;
-  if (!k::conv_implicit_weight_is_packed(g)) {
-    const auto group_bytes = static_cast<int64_t>(
-        k::packed_weight_bytes(g.out_channels / g.groups, k::conv_implicit_k(g)));
-    repacked = at::empty({g.groups * group_bytes}, x.options().dtype(at::kChar));
-    k::pack_conv_weight_implicit(packed, g, repacked.data_ptr<int8_t>());
-    w = repacked.data_ptr<int8_t>();
-  }
   constexpr int64_t kTargetPixels = 512;
   const int64_t row_pixels = k::conv_implicit_row_pixels(g);
   int64_t rows_per_task =
@@ -347,17 +367,13 @@ at::Tensor quantized_conv2d_cpu(const at::Tensor& input, const at::Tensor& packe
       (groups == 1 || k::conv_implicit_tile_loads(g) < k::conv_implicit_tile_loads(dense));
   const bool block_diagonal =
       amx && groups > 1 && groups <= kMaxDenseGroups && k::conv_implicit_supported(dense);
-  if (as_is) {
-    implicit_conv_cpu(input, g, packed, p, sums, y);
-  } else if (!block_diagonal) {
+  if (!as_is && !block_diagonal) {
     im2col_conv_cpu(input, g, packed, call.shape.group_bytes, p, sums, y);
-  } else {
-    auto dense_packed =
-        at::empty({static_cast<int64_t>(k::packed_weight_bytes(OC, dense.group_k()))},
-                  packed_weight.options());
-    k::pack_grouped_weight_dense(packed, g, dense_packed.data_ptr<int8_t>());
-    implicit_conv_cpu(input, dense, dense_packed.data_ptr<int8_t>(), p, sums, y);
+    return y;
   }
+  const k::Conv2dGeometry& run = as_is ? g : dense;
+  const at::Tensor w = implicit_weight(packed_weight, g, !as_is);
+  implicit_conv_cpu(input, run, w.data_ptr<int8_t>(), p, sums, y);
   return y;
 }
 
