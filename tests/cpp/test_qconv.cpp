@@ -567,10 +567,10 @@ TEST(ConvImplicit, GroupedEqualsDirectConvolution) {
   struct Case {
     int64_t batch, cin, h, w, cout, kh, kw, pad, groups, stride;
   };
-  // Every case runs as the block-diagonal dense convolution; those whose groups do not gather
-  // patches (in_channels / groups of 16 or more here) also group by group: 32-, 20-, 16- and
-  // 8-column groups, strides 1 and 2, input planes copied by lane transposes (16 or 32 channels
-  // per group, 64-byte pixels; the last 64 x 7 x 11 case leaves pixels over) or per pixel.
+  // Every case runs group by group and as the block-diagonal dense convolution: 2- to 32-column
+  // groups of 3 to 32 channels, strides 1 and 2, input planes copied by lane transposes (16 or 32
+  // channels per group, 64-byte pixels; the last 64 x 7 x 11 case leaves pixels over) or per pixel
+  // (a masked tail).
   const Case cases[] = {
       {2, 64, 9, 8, 64, 3, 3, 1, 4, 1},  {1, 12, 7, 7, 18, 3, 3, 1, 3, 1},
       {1, 32, 6, 9, 40, 1, 3, 0, 2, 1},  {1, 6, 8, 8, 4, 5, 5, 2, 2, 1},
@@ -578,14 +578,12 @@ TEST(ConvImplicit, GroupedEqualsDirectConvolution) {
       {1, 96, 9, 10, 48, 3, 3, 1, 3, 2}, {1, 64, 8, 8, 40, 3, 3, 1, 2, 1},
       {1, 64, 7, 11, 32, 3, 3, 1, 4, 1},
   };
-  int per_group_cases = 0;
   for (const Case& c : cases) {
     Conv2dGeometry g = implicit_geometry(c.batch, c.cin, c.h, c.w, c.cout, c.kh, c.kw, c.pad, c.pad,
                                          1, c.stride, c.stride);
     g.groups = c.groups;
-    const bool per_group = conv_implicit_supported(g);
-    EXPECT_EQ(per_group, c.cin / c.groups >= 16);
-    per_group_cases += per_group;
+    ASSERT_TRUE(conv_implicit_supported(g));
+    ASSERT_FALSE(conv_implicit_gathers_patches(g));  // groups always read planes
     for (const bool signed_input : {false, true}) {
       SCOPED_TRACE(::testing::Message()
                    << "cin " << c.cin << " cout " << c.cout << " groups " << c.groups << " stride "
@@ -593,11 +591,10 @@ TEST(ConvImplicit, GroupedEqualsDirectConvolution) {
       const QuantConv q = random_conv(g, /*channels_last=*/true, signed_input, rng);
       const std::vector<uint8_t> expected = direct_conv(q);
       EXPECT_EQ(implicit_conv(q, 3), expected);
-      if (per_group) EXPECT_EQ(implicit_conv(q, 2, /*per_group=*/true), expected);
+      EXPECT_EQ(implicit_conv(q, 2, /*per_group=*/true), expected);
       EXPECT_GT(std::set<uint8_t>(expected.begin(), expected.end()).size(), 8u);
     }
   }
-  EXPECT_EQ(per_group_cases, 6);
 }
 
 TEST(ConvImplicit, TileLoadsPerGroupAndBlockDiagonal) {

@@ -145,9 +145,7 @@ void depthwise_conv2d_u8s8(Isa isa, const uint8_t* x, const Conv2dGeometry& g, c
   }
 }
 
-bool conv_implicit_supported(const Conv2dGeometry& g) {
-  return g.dilation_w == 1 && (g.groups == 1 || !conv_implicit_gathers_patches(g));
-}
+bool conv_implicit_supported(const Conv2dGeometry& g) { return g.dilation_w == 1; }
 
 std::vector<ConvSegment> conv_implicit_segments(const Conv2dGeometry& g) {
   const int64_t C = g.in_channels / g.groups, phases = std::min(g.stride_w, g.kernel_w);
@@ -174,7 +172,7 @@ int64_t segments_k(const Conv2dGeometry& g) {
 }  // namespace
 
 bool conv_implicit_gathers_patches(const Conv2dGeometry& g) {
-  return 2 * packed_k(g.group_k()) <= segments_k(g);
+  return g.groups == 1 && 2 * packed_k(g.group_k()) <= segments_k(g);
 }
 
 int64_t conv_implicit_k(const Conv2dGeometry& g) {
@@ -277,10 +275,8 @@ void conv2d_implicit(const uint8_t* x, const Conv2dGeometry& g, const int8_t* we
                      const Epilogue& ep, int64_t row_begin, int64_t row_end, int64_t piece_rows,
                      uint8_t pad_value, uint8_t flip, Out* y) {
   if (!conv_implicit_supported(g)) {
-    throw std::invalid_argument(
-        "conv2d_implicit_u8s8: needs dilation_w 1, and one group where it gathers patches; got "
-        "dilation_w " +
-        std::to_string(g.dilation_w) + " and " + std::to_string(g.groups) + " groups");
+    throw std::invalid_argument("conv2d_implicit_u8s8: needs dilation_w 1, got " +
+                                std::to_string(g.dilation_w));
   }
   if (!isa_supported(Isa::kAmx)) {
     throw std::invalid_argument("conv2d_implicit_u8s8: AMX is not available on this CPU");

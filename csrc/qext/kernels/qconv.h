@@ -65,13 +65,12 @@ void conv_weight_to_gemm(const int8_t* w, const Conv2dGeometry& g, int64_t group
 // need at most half as many k blocks (conv_implicit_gathers_patches: small kernel_w * C, e.g. a
 // first layer on 1 or 3 channels, or the 7x7 stride-2 stem), each output pixel's (kh, kw, c) patch
 // is gathered instead (no dropped pixels) and the weight is the packed GEMM weight itself.
-// A grouped convolution (not gathering patches) gives each group its own planes of its
+// A grouped convolution (never gathering patches) gives each group its own planes of its
 // in_channels / groups channels and runs each group's GEMM on them (everything below is then per
 // group: C = in_channels / groups).
 // ---------------------------------------------------------------------------------------------
 
-// Whether conv2d_implicit_u8s8 handles g: dilation_w 1 (any stride, dilation_h, padding), and one
-// group where it gathers patches.
+// Whether conv2d_implicit_u8s8 handles g: dilation_w 1 (any stride, dilation_h, padding, groups).
 bool conv_implicit_supported(const Conv2dGeometry& g);
 
 // A run of the implicit weight's k axis (without patches): kernel row kh's taps kw = phase, phase
@@ -85,7 +84,8 @@ struct ConvSegment {
 };
 std::vector<ConvSegment> conv_implicit_segments(const Conv2dGeometry& g);
 
-// Whether whole patches take at most half the k blocks of the segments. The gather costs about as
+// Whether whole patches take at most half the k blocks of the segments (one group only). The
+// gather costs about as
 // much as a few k blocks of tile work per pixel (measured on 3x3 convolutions: with C = 8 .. 96
 // channels, 2 .. 14 patch k blocks against 3 .. 15, reading the rows in place was 5-15% faster;
 // with C = 1 or 3, 1 against 3, gathering was 25-30% faster).
@@ -108,11 +108,12 @@ bool conv_implicit_weight_is_packed(const Conv2dGeometry& g);
 // the other, packed_weight_bytes(out_channels / groups, group_k()) bytes apart): each group's taps
 // rearranged into the zero-padded segments, or a copy when conv_implicit_weight_is_packed(g). out
 // holds groups x packed_weight_bytes(out_channels / groups, conv_implicit_k(g)), group after group.
+void pack_conv_weight_implicit(const int8_t* packed, const Conv2dGeometry& g, int8_t* out);
+
 // The tile loads of conv2d_implicit_u8s8 per 32 virtual pixels: on AMX both the implicit
 // convolution and its competitors are bound by them (4 per 4 tdpbusd for 32 columns, 3 per 2 for
 // 16). Compares a grouped convolution run per group with the block-diagonal dense one.
 int64_t conv_implicit_tile_loads(const Conv2dGeometry& g);
-void pack_conv_weight_implicit(const int8_t* packed, const Conv2dGeometry& g, int8_t* out);
 
 // The packed GEMM weight of the one-group convolution equal to the grouped convolution g: output
 // channel o (group o / (out_channels / groups)) keeps its weights on its group's input channels and

@@ -356,10 +356,10 @@ at::Tensor quantized_conv2d_cpu(const at::Tensor& input, const at::Tensor& packe
   // On AMX the implicit GEMM where it applies (dilation_w 1). A grouped convolution runs on it
   // group by group (each group's channels in planes of their own) when that takes fewer tile loads
   // than the one-group convolution with the block-diagonal weight (groups times the multiplies,
-  // but whole pixels' channels per A row): few groups of many channels. Else, up to
-  // kMaxDenseGroups groups, the block-diagonal one: against a per-group im2col of a few channels
-  // and GEMMs of a few columns it took 8 x 64 x 56 x 56 -> 64, 3x3 with 16 groups from 34 ms to
-  // 2.4-2.8 ms. Everything else: im2col + GEMM.
+  // but whole pixels' channels per A row); on a tie the block-diagonal one, whose epilogue and
+  // copies are not per group (8 x 128 x 28 x 28, 32 groups of 4: 0.9 ms against 2.2 ms). Beyond
+  // kMaxDenseGroups groups im2col + GEMM per group (against which the block-diagonal weight took
+  // 8 x 64 x 56 x 56 -> 64, 3x3 with 16 groups from 34 ms to 2.4-2.8 ms), as everything else.
   k::Conv2dGeometry dense = g;
   dense.groups = 1;
   const bool as_is =
