@@ -34,7 +34,6 @@ at::Tensor derived_weight(const at::Tensor& packed, int64_t kind,
   cache.erase(
       std::remove_if(cache.begin(), cache.end(), [](const Entry& e) { return e.source.expired(); }),
       cache.end());
-  const auto weak = c10::weak_intrusive_ptr<c10::TensorImpl>(packed.getIntrusivePtr());
   for (Entry& e : cache) {
     if (e.source._unsafe_get_target() != packed.unsafeGetTensorImpl() || e.kind != kind) continue;
     if (e.version != version || e.data != data) {
@@ -44,7 +43,8 @@ at::Tensor derived_weight(const at::Tensor& packed, int64_t kind,
     }
     return e.derived;
   }
-  cache.push_back({weak, data, version, kind, make()});
+  cache.push_back({c10::weak_intrusive_ptr<c10::TensorImpl>(packed.getIntrusivePtr()), data,
+                   version, kind, make()});
   return cache.back().derived;
 }
 
